@@ -1,0 +1,17 @@
+"""The CAF attack: L-inf PGD pushing the adversarial CAF away from the natural one."""
+
+import jax
+import jax.numpy as jnp
+
+from cafd_jax import cam, losses
+from cafd_jax.attacks import pgd as pgd_lib
+
+
+def caf_attack(caf_fn: cam.CafFn, x: jnp.ndarray, y: jnp.ndarray, key: jax.Array, *,
+               eps: float = 8 / 255, step_size: float = 0.01, steps: int = 100,
+               random_start: bool = True) -> jnp.ndarray:
+  """Maximises the per-example MSE between caf(x_adv, y) and caf(x, y)."""
+  natural = jax.lax.stop_gradient(caf_fn(x, y))
+  objective = lambda z: losses.per_example_mse(caf_fn(z, y), natural)
+  return pgd_lib.projected_gradient_ascent(objective, x, key, eps=eps, step_size=step_size,
+                                           steps=steps, random_start=random_start)

@@ -1,0 +1,76 @@
+"""Validation of a config before any work starts: one clear line per mistake."""
+
+import ml_collections
+
+from cafd_jax import cam, data, evaluate, models
+
+STAGES = ("train_classifier", "craft", "train_denoiser", "evaluate")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field and the fix."""
+
+
+def split_names(text: str) -> list[str]:
+  """'a, b,c' -> ['a', 'b', 'c']."""
+  return [name.strip() for name in str(text).split(",") if name.strip()]
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _check_names(field: str, value: str, allowed) -> None:
+  names = split_names(value)
+  _require(bool(names), f"{field} is empty; give a comma-separated subset of {','.join(allowed)}.")
+  for name in names:
+    _require(name in allowed, f"{field}: unknown {name!r}; choose from {','.join(allowed)}.")
+
+
+def _positive(field: str, value) -> None:
+  _require(isinstance(value, (int, float)) and value > 0, f"{field} must be > 0, got {value!r}.")
+
+
+def _non_negative(field: str, value) -> None:
+  _require(isinstance(value, (int, float)) and value >= 0, f"{field} must be >= 0, got {value!r}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first invalid field."""
+  _check_names("config.stages", config.stages, STAGES)
+  try:
+    data.parse_source(config.data.source)
+  except data.DataError as error:
+    raise ConfigError(f"config.data.source: {error}") from None
+  _positive("config.data.image_size", config.data.image_size)
+  for field in ("data.num_train", "data.num_test", "craft.num_examples", "eval.num_examples"):
+    section, name = field.split(".")
+    _non_negative(f"config.{field}", config[section][name])
+  _require(config.model.name in models.CLASSIFIERS,
+           f"config.model.name: unknown {config.model.name!r}; choose from {','.join(models.CLASSIFIERS)}.")
+  _positive("config.model.width", config.model.width)
+  _require(len(config.model.mean) == 3 and len(config.model.std) == 3
+           and all(s > 0 for s in config.model.std),
+           "config.model.mean and .std need three values each, std > 0.")
+  for section in ("classifier", "denoiser"):
+    for name in ("learning_rate", "num_epochs", "batch_size"):
+      _positive(f"config.{section}.{name}", config[section][name])
+    _non_negative(f"config.{section}.weight_decay", config[section].weight_decay)
+  _require(config.classifier.optimizer in ("sgd", "adam"),
+           f"config.classifier.optimizer must be sgd or adam, got {config.classifier.optimizer!r}.")
+  for name in ("attack_kind", "loss_kind"):
+    _require(config.caf[name] in cam.CAF_KINDS,
+             f"config.caf.{name} must be one of {','.join(cam.CAF_KINDS)}, got {config.caf[name]!r}.")
+  _require(config.caf.class_source in cam.CLASS_SOURCES,
+           f"config.caf.class_source must be one of {','.join(cam.CLASS_SOURCES)}.")
+  for section in (config.craft, config.eval.pgd, config.eval.caf):
+    _non_negative("attack eps", section.eps)
+    _non_negative("attack step_size", section.step_size)
+    _require(isinstance(section.steps, int) and section.steps >= 0, "attack steps must be an int >= 0.")
+  _positive("config.craft.batch_size", config.craft.batch_size)
+  _positive("config.eval.batch_size", config.eval.batch_size)
+  _non_negative("config.denoiser.caf_weight", config.denoiser.caf_weight)
+  _non_negative("config.denoiser.gan_weight", config.denoiser.gan_weight)
+  _check_names("config.eval.attacks", config.eval.attacks, evaluate.ATTACKS)
+  _check_names("config.eval.defenses", config.eval.defenses, evaluate.DEFENSES)

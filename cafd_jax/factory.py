@@ -1,0 +1,52 @@
+"""Builds models and train states from a config: the one place that reads model fields."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from cafd_jax import models
+from cafd_jax.train import common
+
+
+def classifier(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  model = config.model
+  return models.create_classifier(model.name, num_classes=num_classes, width=model.width,
+                                  mean=model.mean, std=model.std, depth=model.depth,
+                                  widen_factor=model.widen_factor)
+
+
+def denoiser(config: ml_collections.ConfigDict) -> models.UNetDenoiser:
+  return models.UNetDenoiser(width=config.denoiser.width)
+
+
+def discriminator(config: ml_collections.ConfigDict) -> models.Discriminator:
+  return models.Discriminator(base_channels=32, width=config.denoiser.discriminator_width)
+
+
+def _sample(config: ml_collections.ConfigDict) -> jnp.ndarray:
+  size = config.data.image_size
+  return jnp.zeros((1, size, size, 3), jnp.float32)
+
+
+def classifier_state(config: ml_collections.ConfigDict, num_classes: int, key: jax.Array,
+                     steps_per_epoch: int) -> common.TrainState:
+  """Fresh classifier TrainState with the config's optimiser and schedule."""
+  train = config.classifier
+  schedule = common.piecewise_schedule(train.learning_rate, steps_per_epoch,
+                                       train.lr_decay_epochs, train.lr_decay_factor)
+  tx = common.make_optimizer(train.optimizer, schedule, weight_decay=train.weight_decay,
+                             momentum=train.momentum, nesterov=train.nesterov)
+  return common.create_state(classifier(config, num_classes), key, _sample(config), tx)
+
+
+def denoiser_states(config: ml_collections.ConfigDict, key: jax.Array,
+                    steps_per_epoch: int) -> tuple[common.TrainState, common.TrainState]:
+  """Fresh (denoiser, discriminator) TrainStates, both Adam with the denoiser's schedule."""
+  train = config.denoiser
+  schedule = common.piecewise_schedule(train.learning_rate, steps_per_epoch,
+                                       train.lr_decay_epochs, train.lr_decay_factor)
+  denoiser_key, disc_key = jax.random.split(key)
+  make_tx = lambda: common.make_optimizer("adam", schedule, weight_decay=train.weight_decay)
+  return (common.create_state(denoiser(config), denoiser_key, _sample(config), make_tx()),
+          common.create_state(discriminator(config), disc_key, _sample(config), make_tx()))

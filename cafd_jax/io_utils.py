@@ -1,0 +1,37 @@
+"""Atomic file writes: a reader never sees a half-written file."""
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+
+def _atomic(path: str, write) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(handle, "wb") as file:
+      write(file)
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically (temporary file + rename)."""
+  _atomic(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes ``value`` as indented JSON atomically."""
+  write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def write_npy(path: str, array: np.ndarray) -> None:
+  """Writes one array in .npy format atomically."""
+  _atomic(path, lambda file: np.save(file, array, allow_pickle=False))

@@ -1,0 +1,45 @@
+"""VGG with BatchNorm for 32x32 inputs; features are taken before the last pooling."""
+
+from typing import Sequence, Union
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from cafd_jax.models import common
+
+# "M" is 2x2 max pooling. The trailing pool of the classic layouts is replaced by the
+# GAP + dense head, so the last feature map is 2x2 for the standard depths.
+LAYOUTS: dict[str, tuple[Union[int, str], ...]] = {
+    "vgg_tiny": (32, "M", 64, "M", 128, 128),
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512,
+              "M", 512, 512, 512, 512),
+}
+
+
+class VGG(nn.Module):
+  """VGG-BN classifier. Returns logits, or (logits, last conv features)."""
+
+  layout: Sequence[Union[int, str]]
+  num_classes: int = 10
+  width: float = 1.0
+  mean: Sequence[float] = common.CIFAR10_MEAN
+  std: Sequence[float] = common.CIFAR10_STD
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    h = common.normalize(x, self.mean, self.std).astype(self.dtype)
+    for item in self.layout:
+      if item == "M":
+        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+        continue
+      h = nn.Conv(common.scaled(item, self.width), (3, 3), padding=1, dtype=self.dtype)(h)
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)
+      h = nn.relu(h)
+    features = h.astype(jnp.float32)
+    logits = common.GapDenseHead(self.num_classes, name=common.HEAD_NAME)(features)
+    return (logits, features) if return_features else logits

@@ -1,0 +1,191 @@
+"""The CAFD pipeline, stage by stage; each stage resumes from what the workdir holds.
+
+  train_classifier -> DIR/checkpoints/classifier      (Orbax, one per epoch)
+  craft            -> DIR/craft/chunk_*.npy           (CAF adversarial training set, per chunk)
+  train_denoiser   -> DIR/checkpoints/denoiser        (Orbax: denoiser + discriminator)
+  evaluate         -> DIR/report.json, DIR/report.md  (restores from checkpoints only)
+"""
+
+import glob
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cafd_jax import attacks, checkpoint, config_checks, data, evaluate, factory, io_utils, report
+from cafd_jax.train import classifier as classifier_train
+from cafd_jax.train import denoiser as denoiser_train
+from cafd_jax.train import loop
+
+CLASSIFIER_DIR = "checkpoints/classifier"
+DENOISER_DIR = "checkpoints/denoiser"
+CRAFT_DIR = "craft"
+
+
+def _stage_key(config: ml_collections.ConfigDict, stage: str) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(config.seed), config_checks.STAGES.index(stage))
+
+
+def _count(value: int) -> int | None:
+  return value or None
+
+
+def load_data(config: ml_collections.ConfigDict, split: str, num_examples: int) -> data.Dataset:
+  return data.load_split(config.data.source, split, image_size=config.data.image_size,
+                         num_examples=_count(num_examples), seed=config.seed)
+
+
+def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  return max(1, num_examples // batch_size)
+
+
+def restore_classifier(config: ml_collections.ConfigDict, workdir: str, num_classes: int) -> dict:
+  """Inference variables of the trained classifier, from its checkpoint alone."""
+  template = factory.classifier_state(config, num_classes, jax.random.key(0), 1)
+  state = checkpoint.require_latest(os.path.join(workdir, CLASSIFIER_DIR), template, "classifier")
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def restore_denoiser(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Inference variables of the trained denoiser, from its checkpoint alone."""
+  template = factory.denoiser_states(config, jax.random.key(0), 1)
+  states = checkpoint.require_latest(os.path.join(workdir, DENOISER_DIR), template, "denoiser")
+  return {"params": states[0].params, "batch_stats": states[0].batch_stats}
+
+
+def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset) -> None:
+  train = config.classifier
+  state = factory.classifier_state(config, train_set.num_classes, _stage_key(config, "train_classifier"),
+                                   _steps_per_epoch(len(train_set), train.batch_size))
+  state = loop.fit(stage="train_classifier", state=state,
+                   step_fn=classifier_train.make_step_fn(train.augment),
+                   arrays=(train_set.images, train_set.labels), batch_size=train.batch_size,
+                   num_epochs=train.num_epochs, seed=config.seed,
+                   key=_stage_key(config, "train_classifier"),
+                   checkpoint_dir=os.path.join(workdir, CLASSIFIER_DIR), workdir=workdir,
+                   log_every_steps=config.log_every_steps)
+  classify = evaluate.logits_fn(factory.classifier(config, train_set.num_classes),
+                                {"params": state.params, "batch_stats": state.batch_stats})
+  predictions = classifier_train.predict(jax.jit(classify), test_set.images, config.eval.batch_size)
+  print(f"[train_classifier] test accuracy {np.mean(predictions == test_set.labels):.4f} "
+        f"(n={len(test_set)})", flush=True)
+
+
+def _craft_settings(config) -> dict:
+  settings = dict(config.craft)
+  settings.update(kind=config.caf.attack_kind, class_source=config.caf.class_source,
+                  seed=config.seed, source=config.data.source)
+  return settings
+
+
+def craft(config, workdir, train_set: data.Dataset) -> None:
+  """CAF adversarial examples of the denoiser's training set, saved chunk by chunk."""
+  directory = os.path.join(workdir, CRAFT_DIR)
+  settings_path = os.path.join(directory, "settings.json")
+  settings = _craft_settings(config)
+  if os.path.exists(settings_path):
+    with open(settings_path) as file:
+      if json.load(file) != json.loads(json.dumps(settings)):
+        raise config_checks.ConfigError(
+            f"{directory} was crafted with other settings; delete it or use another --workdir.")
+  io_utils.write_json(settings_path, settings)
+  classifier = factory.classifier(config, train_set.num_classes)
+  variables = restore_classifier(config, workdir, train_set.num_classes)
+  caf_fn = denoiser_train.classifier_caf_fn(classifier, variables, config.caf.attack_kind,
+                                            config.caf.class_source)
+  params = {name: config.craft[name] for name in ("eps", "step_size", "steps", "random_start")}
+  attack = jax.jit(lambda x, y, key: attacks.caf_attack(caf_fn, x, y, key, **params))
+  batch_size, key = config.craft.batch_size, _stage_key(config, "craft")
+  num_chunks = -(-len(train_set) // batch_size)
+  start_time, done_now = time.perf_counter(), 0
+  for chunk in range(num_chunks):
+    path = os.path.join(directory, f"chunk_{chunk:05d}.npy")
+    if os.path.exists(path):
+      continue
+    images = train_set.images[chunk * batch_size:(chunk + 1) * batch_size]
+    labels = train_set.labels[chunk * batch_size:(chunk + 1) * batch_size]
+    x_adv = attack(jnp.asarray(images), jnp.asarray(labels), jax.random.fold_in(key, chunk))
+    io_utils.write_npy(path, np.asarray(x_adv))
+    done_now += len(images)
+    rate = done_now / (time.perf_counter() - start_time)
+    eta = (len(train_set) - (chunk + 1) * batch_size) / rate
+    print(f"[craft] chunk {chunk + 1}/{num_chunks}  {rate:.0f} img/s  ETA {max(eta, 0):.0f}s",
+          flush=True)
+
+
+def load_crafted(workdir: str, num_examples: int) -> np.ndarray:
+  """The crafted adversarial training set, in training-set order."""
+  paths = sorted(glob.glob(os.path.join(workdir, CRAFT_DIR, "chunk_*.npy")))
+  crafted = np.concatenate([np.load(path) for path in paths]) if paths else np.zeros((0,))
+  if len(crafted) != num_examples:
+    raise checkpoint.CheckpointError(
+        f"{os.path.join(workdir, CRAFT_DIR)} holds {len(crafted)} of {num_examples} crafted "
+        f"examples; run the craft stage first with the same --workdir.")
+  return crafted
+
+
+def train_denoiser(config, workdir, train_set: data.Dataset) -> None:
+  x_adv = load_crafted(workdir, len(train_set))
+  classifier = factory.classifier(config, train_set.num_classes)
+  classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
+  train = config.denoiser
+  states = factory.denoiser_states(config, _stage_key(config, "train_denoiser"),
+                                   _steps_per_epoch(len(train_set), train.batch_size))
+  step = denoiser_train.make_train_step(classifier, caf_kind=config.caf.loss_kind,
+                                        class_source=config.caf.class_source,
+                                        caf_weight=train.caf_weight, gan_weight=train.gan_weight)
+  loop.fit(stage="train_denoiser", state=states,
+           step_fn=denoiser_train.make_step_fn(step, classifier_variables),
+           arrays=(x_adv, train_set.images, train_set.labels), batch_size=train.batch_size,
+           num_epochs=train.num_epochs, seed=config.seed,
+           key=_stage_key(config, "train_denoiser"),
+           checkpoint_dir=os.path.join(workdir, DENOISER_DIR), workdir=workdir,
+           log_every_steps=config.log_every_steps)
+
+
+def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
+  classifier = factory.classifier(config, test_set.num_classes)
+  classifier_variables = restore_classifier(config, workdir, test_set.num_classes)
+  defense_names = config_checks.split_names(config.eval.defenses)
+  purify = None
+  if "cafd" in defense_names:
+    purify = evaluate.purify_fn(factory.denoiser(config), restore_denoiser(config, workdir))
+  defense_fns = evaluate.defenses(defense_names,
+                                  evaluate.logits_fn(classifier, classifier_variables), purify)
+  return evaluate.evaluate_unseen(config, test_set, classifier, classifier_variables, defense_fns,
+                                  config_checks.split_names(config.eval.attacks),
+                                  _stage_key(config, "evaluate"))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Runs the stages named in ``config.stages`` in pipeline order."""
+  config_checks.validate(config)
+  stages = config_checks.split_names(config.stages)
+  started = time.perf_counter()
+  train_set = test_set = None
+  if {"train_classifier", "craft", "train_denoiser"} & set(stages):
+    train_set = load_data(config, "train", config.data.num_train)
+  if {"train_classifier", "evaluate"} & set(stages):
+    test_set = load_data(config, "test", config.data.num_test)
+  os.makedirs(workdir, exist_ok=True)
+  io_utils.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  print(f"[pipeline] stages {','.join(stages)}  devices {jax.devices()}  workdir {workdir}",
+        flush=True)
+  if "train_classifier" in stages:
+    train_classifier(config, workdir, train_set, test_set)
+  denoiser_set = train_set.take(_count(config.craft.num_examples)) if train_set else None
+  if "craft" in stages:
+    craft(config, workdir, denoiser_set)
+  if "train_denoiser" in stages:
+    train_denoiser(config, workdir, denoiser_set)
+  if "evaluate" in stages:
+    eval_set = test_set.take(_count(config.eval.num_examples))
+    results = run_evaluation(config, workdir, eval_set)
+    report.write(workdir, config.to_dict(), results,
+                 {"wall_time_s": round(time.perf_counter() - started, 1)})
+    print(f"[pipeline] report written to {os.path.join(workdir, 'report.md')}", flush=True)
+  print(f"[pipeline] done in {time.perf_counter() - started:.1f}s", flush=True)

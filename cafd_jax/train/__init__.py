@@ -1,0 +1,1 @@
+"""Training: pure, jitted train steps and the epoch loops around them."""

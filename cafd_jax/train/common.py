@@ -1,0 +1,48 @@
+"""Train state, optimisers and learning-rate schedules shared by the training loops."""
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus BatchNorm statistics (an empty dict for models without them)."""
+
+  batch_stats: Any = None
+
+
+def piecewise_schedule(base_lr: float, steps_per_epoch: int, decay_epochs: Sequence[int],
+                       decay_factor: float) -> optax.Schedule:
+  """lr = base_lr * decay_factor**k after the k-th of ``decay_epochs``."""
+  boundaries = {int(epoch) * steps_per_epoch: decay_factor for epoch in decay_epochs}
+  return optax.piecewise_constant_schedule(base_lr, boundaries)
+
+
+def make_optimizer(name: str, schedule: optax.Schedule, *, weight_decay: float,
+                   momentum: float = 0.9, nesterov: bool = False) -> optax.GradientTransformation:
+  """SGD with momentum or Adam, each with coupled L2 weight decay (as torch.optim does)."""
+  if name == "sgd":
+    base = optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
+  elif name == "adam":
+    base = optax.adam(schedule)
+  else:
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}.")
+  return optax.chain(optax.add_decayed_weights(weight_decay), base)
+
+
+def create_state(module, key: jax.Array, sample: jnp.ndarray, tx: optax.GradientTransformation,
+                 **init_kwargs) -> TrainState:
+  """Initialises ``module`` on ``sample`` and wraps it with its optimiser."""
+  variables = module.init(key, sample, **init_kwargs)
+  return TrainState.create(apply_fn=module.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables.get("batch_stats", {}))
+
+
+def variables_of(state: TrainState) -> dict:
+  """The variables dict that ``module.apply`` expects."""
+  if state.batch_stats:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+  return {"params": state.params}

@@ -1,0 +1,73 @@
+"""CAFD denoiser training: CAF distance to the natural image plus a relativistic GAN term.
+
+The state is a pair (denoiser TrainState, discriminator TrainState); the target classifier
+is frozen (BatchNorm in inference mode) and only supplies class activation features.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from cafd_jax import cam, losses, models
+from cafd_jax.train import common
+
+DenoiserStates = tuple[common.TrainState, common.TrainState]
+
+
+def classifier_caf_fn(classifier: nn.Module, classifier_variables: dict, kind: str,
+                      class_source: str) -> cam.CafFn:
+  """CAF of a frozen classifier (inference-mode BatchNorm)."""
+  features_fn = lambda images: classifier.apply(classifier_variables, images, return_features=True)
+  return cam.make_caf_fn(features_fn, models.head_kernel(classifier_variables["params"]), kind,
+                         class_source)
+
+
+def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
+                    caf_weight: float, gan_weight: float) -> Callable:
+  """A jitted ``step(states, classifier_variables, x_adv, x_natural, labels)``."""
+
+  def step(states: DenoiserStates, classifier_variables: dict, x_adv: jnp.ndarray,
+           x_natural: jnp.ndarray, labels: jnp.ndarray) -> tuple[DenoiserStates, dict]:
+    denoiser_state, disc_state = states
+    caf_fn = classifier_caf_fn(classifier, classifier_variables, caf_kind, class_source)
+    natural_caf = jax.lax.stop_gradient(caf_fn(x_natural, labels))
+    real_logits = disc_state.apply_fn({"params": disc_state.params}, x_natural)
+
+    def denoiser_loss(params):
+      denoised, updates = denoiser_state.apply_fn(
+          {"params": params, "batch_stats": denoiser_state.batch_stats}, x_adv, train=True,
+          mutable=["batch_stats"])
+      caf_loss = jnp.mean(losses.per_example_mse(caf_fn(denoised, labels), natural_caf))
+      fake_logits = disc_state.apply_fn({"params": disc_state.params}, denoised)
+      gan_loss = losses.relativistic_generator_loss(jax.lax.stop_gradient(real_logits), fake_logits)
+      total = caf_weight * caf_loss + gan_weight * gan_loss
+      return total, (denoised, updates["batch_stats"], caf_loss, gan_loss)
+
+    (total, (denoised, batch_stats, caf_loss, gan_loss)), grads = jax.value_and_grad(
+        denoiser_loss, has_aux=True)(denoiser_state.params)
+    denoised = jax.lax.stop_gradient(denoised)
+
+    def discriminator_loss(params):
+      real = disc_state.apply_fn({"params": params}, x_natural)
+      fake = disc_state.apply_fn({"params": params}, denoised)
+      return losses.relativistic_discriminator_loss(real, fake)
+
+    disc_loss, disc_grads = jax.value_and_grad(discriminator_loss)(disc_state.params)
+    new_states = (denoiser_state.apply_gradients(grads=grads, batch_stats=batch_stats),
+                  disc_state.apply_gradients(grads=disc_grads))
+    pixel_mse = jnp.mean((denoised - x_natural) ** 2)
+    return new_states, {"loss": total, "caf_loss": caf_loss, "gan_loss": gan_loss,
+                        "disc_loss": disc_loss, "pixel_mse": pixel_mse}
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def make_step_fn(train_step: Callable, classifier_variables: dict):
+  """Adapts a denoiser train step to the (state, batch, key) signature of ``loop.fit``."""
+  def step_fn(states, batch, _key):
+    x_adv, x_natural, labels = batch
+    return train_step(states, classifier_variables, jnp.asarray(x_adv), jnp.asarray(x_natural),
+                      jnp.asarray(labels))
+  return step_fn

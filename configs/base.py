@@ -1,0 +1,77 @@
+"""Reference CAFD hyper-parameters (Zhou et al. 2021 and its public code), shared by configs.
+
+Every other config starts from ``get_config()`` here and changes what differs.
+"""
+
+import ml_collections
+
+ALL_STAGES = "train_classifier,craft,train_denoiser,evaluate"
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.stages = ALL_STAGES  # any comma-separated subset, run in pipeline order
+  config.log_every_steps = 50
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "tfds:cifar10"  # synthetic | folder:PATH | tfds:NAME
+  config.data.image_size = 32
+  config.data.num_train = 0  # 0 = the whole split
+  config.data.num_test = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "vgg19"  # vgg_tiny, vgg11/13/16/19, resnet18/34/50, wrn
+  config.model.width = 1.0  # channel multiplier
+  config.model.depth = 28  # wrn only
+  config.model.widen_factor = 10  # wrn only
+  config.model.mean = (0.4914, 0.4822, 0.4465)  # input normalisation inside the classifier
+  config.model.std = (0.2470, 0.2435, 0.2616)
+
+  config.classifier = ml_collections.ConfigDict()
+  config.classifier.optimizer = "sgd"
+  config.classifier.learning_rate = 0.1
+  config.classifier.momentum = 0.9
+  config.classifier.nesterov = False
+  config.classifier.weight_decay = 5e-4
+  config.classifier.num_epochs = 200
+  config.classifier.batch_size = 128
+  config.classifier.lr_decay_epochs = (60, 120, 160)
+  config.classifier.lr_decay_factor = 0.2
+  config.classifier.augment = True  # random crop (pad 4) + horizontal flip
+
+  config.caf = ml_collections.ConfigDict()
+  config.caf.attack_kind = "weighted_features"  # weighted_features | cam | features
+  config.caf.loss_kind = "weighted_features"  # reference code's denoiser loss: features
+  config.caf.class_source = "prediction"  # prediction | label
+
+  config.craft = ml_collections.ConfigDict()  # CAF adversarial examples for the denoiser
+  config.craft.num_examples = 0  # 0 = the whole training split
+  config.craft.eps = 8 / 255
+  config.craft.step_size = 0.01
+  config.craft.steps = 100
+  config.craft.random_start = True
+  config.craft.batch_size = 500
+
+  config.denoiser = ml_collections.ConfigDict()
+  config.denoiser.width = 1.0
+  config.denoiser.discriminator_width = 1.0
+  config.denoiser.learning_rate = 1e-3
+  config.denoiser.weight_decay = 2e-4
+  config.denoiser.num_epochs = 70
+  config.denoiser.batch_size = 300
+  config.denoiser.lr_decay_epochs = (40, 50, 60)
+  config.denoiser.lr_decay_factor = 0.3
+  config.denoiser.caf_weight = 1e3
+  config.denoiser.gan_weight = 5e-3
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_examples = 0  # 0 = the whole test split
+  config.eval.batch_size = 500
+  config.eval.attacks = "none,pgd,caf"
+  config.eval.defenses = "none,cafd"
+  config.eval.pgd = ml_collections.ConfigDict(dict(eps=8 / 255, step_size=2 / 255, steps=20,
+                                                   random_start=True))
+  config.eval.caf = ml_collections.ConfigDict(dict(eps=8 / 255, step_size=0.01, steps=100,
+                                                   random_start=True))
+  return config

@@ -1,0 +1,42 @@
+"""Shared fixtures: the repository root on sys.path, tiny configs, a trained tiny classifier."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture()
+def tiny_config():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  return tiny.get_config()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny():
+  """A small VGG trained for a few seconds on synthetic shapes: (model, variables, test set)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from cafd_jax import data, models
+  from cafd_jax.train import classifier, common, loop
+
+  train_set = data.make_synthetic(1200, seed=1)
+  test_set = data.make_synthetic(200, seed=2)
+  model = models.create_classifier("vgg_tiny", num_classes=10, width=0.5,
+                                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+  tx = common.make_optimizer("adam", 2e-3, weight_decay=0.0)
+  state = common.create_state(model, jax.random.key(0), train_set.images[:1], tx)
+  step = classifier.make_step_fn(use_augmentation=False)
+  for epoch in range(4):
+    order = loop.epoch_order(len(train_set), 0, epoch)
+    for start in range(0, len(order) - 49, 50):
+      batch = order[start:start + 50]
+      state, _ = step(state, (train_set.images[batch], train_set.labels[batch]), jax.random.key(epoch))
+  variables = common.variables_of(state)
+  logits = model.apply(variables, test_set.images)
+  accuracy = float(np.mean(np.argmax(logits, -1) == test_set.labels))
+  return model, variables, test_set, accuracy

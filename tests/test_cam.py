@@ -1,0 +1,92 @@
+"""CAF maps against a direct NumPy computation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cafd_jax import cam
+
+
+def _bilinear_numpy(maps: np.ndarray, size: int) -> np.ndarray:
+  """Half-pixel-centre bilinear upsampling (PyTorch align_corners=False) of [B, h, w, ...]."""
+  in_size = maps.shape[1]
+  src = np.clip((np.arange(size) + 0.5) * in_size / size - 0.5, 0, in_size - 1)
+  low = np.floor(src).astype(int)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = src - low
+  rows = (maps[:, low] * (1 - frac)[None, :, None, *([None] * (maps.ndim - 3))]
+          + maps[:, high] * frac[None, :, None, *([None] * (maps.ndim - 3))])
+  cols = (rows[:, :, low] * (1 - frac)[None, None, :, *([None] * (maps.ndim - 3))]
+          + rows[:, :, high] * frac[None, None, :, *([None] * (maps.ndim - 3))])
+  return cols
+
+
+def _min_max_numpy(maps):
+  axes = tuple(range(1, maps.ndim))
+  low, high = maps.min(axis=axes, keepdims=True), maps.max(axis=axes, keepdims=True)
+  return (maps - low) / (high - low + 1e-8)
+
+
+@pytest.fixture()
+def example():
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(3, 4, 4, 6)).astype(np.float32)
+  kernel = rng.normal(size=(6, 5)).astype(np.float32)
+  labels = np.array([0, 3, 4], np.int32)
+  return features, kernel, labels
+
+
+def test_cam_matches_numpy(example):
+  features, kernel, labels = example
+  expected = np.maximum(np.einsum("bhwc,cb->bhw", features, kernel[:, labels]), 0)
+  expected = _bilinear_numpy(_min_max_numpy(expected), 32)
+  got = cam.class_activation_features(jnp.asarray(features), jnp.asarray(kernel),
+                                      jnp.asarray(labels), "cam", (32, 32))
+  assert got.shape == (3, 32, 32)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  assert float(got.min()) >= 0 and float(got.max()) <= 1 + 1e-6
+
+
+def test_weighted_features_match_numpy(example):
+  features, kernel, labels = example
+  weighted = np.maximum(features * kernel[:, labels].T[:, None, None, :], 0)
+  expected = _bilinear_numpy(_min_max_numpy(weighted), 16)
+  got = cam.class_activation_features(jnp.asarray(features), jnp.asarray(kernel),
+                                      jnp.asarray(labels), "weighted_features", (16, 16))
+  assert got.shape == (3, 16, 16, 6)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_plain_features_are_upsampled_only(example):
+  features, kernel, labels = example
+  got = cam.class_activation_features(jnp.asarray(features), jnp.asarray(kernel),
+                                      jnp.asarray(labels), "features", (8, 8))
+  np.testing.assert_allclose(got, _bilinear_numpy(features, 8), atol=1e-5)
+
+
+def test_class_source_prediction_uses_argmax(example):
+  features, kernel, _ = example
+  logits = jnp.asarray(np.eye(5, dtype=np.float32)[[2, 2, 1]])
+  features_fn = lambda images: (logits, jnp.asarray(features))
+  images = jnp.zeros((3, 32, 32, 3))
+  by_prediction = cam.make_caf_fn(features_fn, jnp.asarray(kernel), "cam", "prediction")
+  by_label = cam.make_caf_fn(features_fn, jnp.asarray(kernel), "cam", "label")
+  np.testing.assert_allclose(by_prediction(images, jnp.array([0, 0, 0])),
+                             by_label(images, jnp.array([2, 2, 1])), atol=1e-6)
+
+
+def test_bad_kind_and_class_source_raise():
+  with pytest.raises(ValueError, match="caf kind"):
+    cam.make_caf_fn(lambda x: x, jnp.zeros((2, 2)), "gradcam")
+  with pytest.raises(ValueError, match="class_source"):
+    cam.make_caf_fn(lambda x: x, jnp.zeros((2, 2)), "cam", "random")
+
+
+def test_caf_is_differentiable_in_the_input(example):
+  features, kernel, labels = example
+  features_fn = lambda images: (jnp.zeros((3, 5)), jnp.asarray(features) * jnp.mean(images))
+  caf_fn = cam.make_caf_fn(features_fn, jnp.asarray(kernel), "weighted_features", "label")
+  grad = jax.grad(lambda x: jnp.sum(caf_fn(x, jnp.asarray(labels)) ** 2))(
+      jnp.full((3, 8, 8, 3), 0.5))
+  assert np.all(np.isfinite(np.asarray(grad)))

@@ -1,0 +1,56 @@
+"""Every config file loads and validates; bad values fail with one line naming the field."""
+
+import importlib
+
+import pytest
+
+from cafd_jax import config_checks
+
+CONFIG_NAMES = ["quickstart", "tiny", "cifar10_vgg19", "cifar10_resnet50", "cifar10_wrn28_10",
+                "svhn_vgg19"]
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_shipped_configs_validate(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config_checks.validate(config)
+
+
+def test_reference_hyper_parameters():
+  config = importlib.import_module("configs.cifar10_vgg19").get_config()
+  assert config.model.name == "vgg19"
+  assert (config.classifier.optimizer, config.classifier.learning_rate,
+          config.classifier.momentum, config.classifier.weight_decay) == ("sgd", 0.1, 0.9, 5e-4)
+  assert config.classifier.num_epochs == 200
+  assert tuple(config.classifier.lr_decay_epochs) == (60, 120, 160)
+  assert config.classifier.lr_decay_factor == 0.2
+  assert (config.denoiser.learning_rate, config.denoiser.num_epochs,
+          config.denoiser.batch_size) == (1e-3, 70, 300)
+  assert tuple(config.denoiser.lr_decay_epochs) == (40, 50, 60)
+  assert config.denoiser.lr_decay_factor == 0.3
+  assert (config.denoiser.caf_weight, config.denoiser.gan_weight) == (1e3, 5e-3)
+  assert (config.craft.eps, config.craft.step_size, config.craft.steps) == (8 / 255, 0.01, 100)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("stages", "train,evaluate", "config.stages"),
+    ("stages", "", "config.stages"),
+    ("data.source", "s3:bucket", "config.data.source"),
+    ("model.name", "vgg7", "config.model.name"),
+    ("model.width", 0.0, "config.model.width"),
+    ("classifier.batch_size", 0, "config.classifier.batch_size"),
+    ("classifier.optimizer", "lbfgs", "config.classifier.optimizer"),
+    ("denoiser.learning_rate", -1.0, "config.denoiser.learning_rate"),
+    ("caf.loss_kind", "gradcam", "config.caf.loss_kind"),
+    ("caf.class_source", "oracle", "config.caf.class_source"),
+    ("eval.attacks", "pgd,fgsm", "config.eval.attacks"),
+    ("eval.defenses", "jpeg", "config.eval.defenses"),
+    ("data.num_train", -5, "config.data.num_train"),
+])
+def test_bad_values_raise_one_clear_line(tiny_config, field, value, needle):
+  section, _, name = field.rpartition(".")
+  target = tiny_config[section] if section else tiny_config
+  target[name] = value
+  with pytest.raises(config_checks.ConfigError) as error:
+    config_checks.validate(tiny_config)
+  assert needle in str(error.value) and "\n" not in str(error.value)

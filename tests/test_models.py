@@ -1,0 +1,83 @@
+"""Shapes of every model in the zoo, features on request, denoiser output range."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cafd_jax import models
+
+# name -> (width, expected feature map [h, w, C]) on a 32x32 input
+CLASSIFIER_CASES = {
+    "vgg_tiny": (0.25, (8, 8, 32)),
+    "vgg11": (0.125, (2, 2, 64)),
+    "vgg13": (0.125, (2, 2, 64)),
+    "vgg16": (0.125, (2, 2, 64)),
+    "vgg19": (0.125, (2, 2, 64)),
+    "resnet18": (0.125, (4, 4, 64)),
+    "resnet34": (0.125, (4, 4, 64)),
+    "resnet50": (0.125, (4, 4, 256)),
+    "wrn": (0.1, (8, 8, 64)),
+}
+
+
+def test_every_registered_classifier_is_covered():
+  assert set(CLASSIFIER_CASES) == set(models.CLASSIFIERS)
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIFIER_CASES))
+def test_classifier_shapes(name):
+  width, feature_shape = CLASSIFIER_CASES[name]
+  model = models.create_classifier(name, num_classes=7, width=width)
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x)
+  logits = model.apply(variables, x)
+  logits_again, features = model.apply(variables, x, return_features=True)
+  assert logits.shape == (3, 7)
+  assert features.shape == (3, *feature_shape)
+  np.testing.assert_allclose(logits, logits_again, rtol=1e-6)
+  kernel = models.head_kernel(variables["params"])
+  assert kernel.shape == (feature_shape[-1], 7)
+  # The head is GAP + dense: logits are recoverable from features, the premise of CAM.
+  bias = variables["params"]["head"]["dense"]["bias"]
+  np.testing.assert_allclose(jnp.mean(features, axis=(1, 2)) @ kernel + bias, logits,
+                             rtol=1e-4, atol=1e-4)
+  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+
+
+def test_wide_resnet_rejects_bad_depth():
+  model = models.create_classifier("wrn", num_classes=10, depth=27, width=0.1)
+  with pytest.raises(ValueError, match="6n\\+4"):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_unet_full_width_layout_and_output_range():
+  denoiser = models.UNetDenoiser()
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  variables = jax.eval_shape(denoiser.init, jax.random.key(1), x)
+  params = variables["params"]
+  encoder_out = [params[f"ConvBlocks_{i}"][f"Conv_{n - 1}"]["kernel"].shape[-1]
+                 for i, n in enumerate((2, 3, 3, 3, 3))]
+  decoder_out = [params[f"ConvBlocks_{5 + i}"][f"Conv_{n - 1}"]["kernel"].shape[-1]
+                 for i, n in enumerate((3, 3, 3, 2))]
+  assert encoder_out == [64, 128, 256, 256, 256]
+  assert decoder_out == [256, 256, 128, 64]
+  assert params["ConvBlocks_5"]["Conv_0"]["kernel"].shape[2] == 512  # 256 up + 256 skip
+  assert params["noise"]["kernel"].shape == (1, 1, 64, 3)
+
+
+def test_unet_small_width_runs_and_clips():
+  denoiser = models.UNetDenoiser(width=0.125)
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  variables = denoiser.init(jax.random.key(1), x)
+  out = denoiser.apply(variables, x)
+  assert out.shape == x.shape
+  assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_discriminator_gives_one_logit_per_image():
+  disc = models.Discriminator(width=0.25)
+  x = jnp.zeros((4, 32, 32, 3))
+  variables = disc.init(jax.random.key(0), x)
+  assert disc.apply(variables, x).shape == (4,)

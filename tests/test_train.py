@@ -1,0 +1,46 @@
+"""Train steps learn: classifier loss and the denoiser's CAF loss go down."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cafd_jax import attacks, data, factory
+from cafd_jax.train import common
+from cafd_jax.train import denoiser as denoiser_train
+
+
+def test_denoiser_loss_decreases(trained_tiny, tiny_config):
+  model, variables, test_set, _ = trained_tiny
+  x_natural = jnp.asarray(test_set.images[:50])
+  labels = jnp.asarray(test_set.labels[:50])
+  caf_fn = denoiser_train.classifier_caf_fn(model, variables, "weighted_features", "prediction")
+  x_adv = attacks.caf_attack(caf_fn, x_natural, labels, jax.random.key(0), steps=5)
+  tiny_config.denoiser.learning_rate = 3e-3
+  states = factory.denoiser_states(tiny_config, jax.random.key(1), steps_per_epoch=10)
+  step = denoiser_train.make_train_step(model, caf_kind="weighted_features",
+                                        class_source="prediction", caf_weight=1e3, gan_weight=5e-3)
+  history = []
+  for _ in range(25):
+    states, metrics = step(states, variables, x_adv, x_natural, labels)
+    history.append(float(metrics["caf_loss"]))
+  assert np.all(np.isfinite(history))
+  assert np.mean(history[-5:]) < 0.7 * np.mean(history[:3]), history
+
+
+def test_classifier_step_reduces_loss(tiny_config):
+  from cafd_jax.train import classifier  # pylint: disable=g-import-not-at-top
+  dataset = data.make_synthetic(64, seed=3)
+  state = factory.classifier_state(tiny_config, 10, jax.random.key(0), steps_per_epoch=1)
+  step = classifier.make_step_fn(use_augmentation=True)
+  losses = []
+  for index in range(15):
+    state, metrics = step(state, (dataset.images, dataset.labels), jax.random.key(index))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0]
+
+
+def test_piecewise_schedule_decays_at_epoch_boundaries():
+  schedule = common.piecewise_schedule(0.1, steps_per_epoch=10, decay_epochs=(2, 3),
+                                       decay_factor=0.2)
+  np.testing.assert_allclose([schedule(0), schedule(19), schedule(20), schedule(30)],
+                             [0.1, 0.1, 0.02, 0.004], rtol=1e-6)
