@@ -16,7 +16,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.ERROR)  # Orbax is chatty at INFO and WARNING
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
   except (config_checks.ConfigError, data.DataError, checkpoint.CheckpointError) as error:

@@ -40,9 +40,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid field."""
   _check_names("config.stages", config.stages, STAGES)
   try:
-    data.parse_source(config.data.source)
+    kind, _ = data.parse_source(config.data.source)
   except data.DataError as error:
     raise ConfigError(f"config.data.source: {error}") from None
+  if kind == "synthetic":
+    _require(config.data.num_train > 0 and config.data.num_test > 0,
+             "config.data.num_train and .num_test must be > 0 for the synthetic source.")
   _positive("config.data.image_size", config.data.image_size)
   for field in ("data.num_train", "data.num_test", "craft.num_examples", "eval.num_examples"):
     section, name = field.split(".")

@@ -42,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.caf = ml_collections.ConfigDict()
   config.caf.attack_kind = "weighted_features"  # weighted_features | cam | features
-  config.caf.loss_kind = "weighted_features"  # reference code's denoiser loss: features
+  # The reference code trains the denoiser on plain last-layer features (its CAF variant).
+  config.caf.loss_kind = "features"
   config.caf.class_source = "prediction"  # prediction | label
 
   config.craft = ml_collections.ConfigDict()  # CAF adversarial examples for the denoiser

@@ -14,26 +14,30 @@ def get_config():
   config.log_every_steps = 20
 
   config.model.name = "vgg_tiny"
+  config.model.width = 0.5
   config.model.mean = (0.5, 0.5, 0.5)
   config.model.std = (0.25, 0.25, 0.25)
 
   config.classifier.optimizer = "adam"
   config.classifier.learning_rate = 2e-3
   config.classifier.weight_decay = 0.0
-  config.classifier.num_epochs = 12
-  config.classifier.lr_decay_epochs = (8, 11)
+  config.classifier.num_epochs = 8
+  config.classifier.lr_decay_epochs = (5, 7)
   config.classifier.lr_decay_factor = 0.2
   config.classifier.augment = False
 
+  config.caf.loss_kind = "features"
+
+  config.craft.num_examples = 2000
   config.craft.steps = 10
   config.craft.step_size = 2 / 255
   config.craft.batch_size = 250
 
   config.denoiser.width = 0.25
-  config.denoiser.discriminator_width = 0.5
-  config.denoiser.num_epochs = 10
+  config.denoiser.discriminator_width = 0.25
+  config.denoiser.num_epochs = 8
   config.denoiser.batch_size = 100
-  config.denoiser.lr_decay_epochs = (6, 8, 9)
+  config.denoiser.lr_decay_epochs = (5, 6, 7)
 
   config.eval.batch_size = 250
   config.eval.caf.steps = 10

@@ -57,13 +57,13 @@ def test_unet_full_width_layout_and_output_range():
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
   variables = jax.eval_shape(denoiser.init, jax.random.key(1), x)
   params = variables["params"]
-  encoder_out = [params[f"ConvBlocks_{i}"][f"Conv_{n - 1}"]["kernel"].shape[-1]
+  encoder_out = [params[f"ConvBlocks_{i}"][f"Conv3x3_{n - 1}"]["kernel"].shape[-1]
                  for i, n in enumerate((2, 3, 3, 3, 3))]
-  decoder_out = [params[f"ConvBlocks_{5 + i}"][f"Conv_{n - 1}"]["kernel"].shape[-1]
+  decoder_out = [params[f"ConvBlocks_{5 + i}"][f"Conv3x3_{n - 1}"]["kernel"].shape[-1]
                  for i, n in enumerate((3, 3, 3, 2))]
   assert encoder_out == [64, 128, 256, 256, 256]
   assert decoder_out == [256, 256, 128, 64]
-  assert params["ConvBlocks_5"]["Conv_0"]["kernel"].shape[2] == 512  # 256 up + 256 skip
+  assert params["ConvBlocks_5"]["Conv3x3_0"]["kernel"].shape[2] == 512  # 256 up + 256 skip
   assert params["noise"]["kernel"].shape == (1, 1, 64, 3)
 
 

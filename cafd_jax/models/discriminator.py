@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cafd_jax.models import common
+from cafd_jax.models import common, layers
 
 
 class Discriminator(nn.Module):
@@ -18,8 +18,8 @@ class Discriminator(nn.Module):
     h = 2.0 * x - 1.0
     for stage in range(self.num_stages):
       channels = common.scaled(self.base_channels * 2**stage, self.width)
-      h = nn.leaky_relu(nn.Conv(channels, (3, 3), padding=1)(h), 0.2)
-      h = nn.leaky_relu(nn.Conv(channels, (3, 3), strides=2, padding=1)(h), 0.2)
+      h = nn.leaky_relu(layers.Conv3x3(channels)(h), 0.2)
+      h = nn.leaky_relu(layers.Conv3x3(channels, strides=2)(h), 0.2)
     h = jnp.mean(h, axis=(1, 2))
     h = nn.leaky_relu(nn.Dense(common.scaled(100, self.width))(h), 0.2)
     return nn.Dense(1)(h)[:, 0]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cafd_jax.models import common
+from cafd_jax.models import common, layers
 
 
 class ConvBlocks(nn.Module):
@@ -29,7 +29,7 @@ class ConvBlocks(nn.Module):
   def __call__(self, x, train: bool):
     for index in range(self.num_convs):
       strides = self.strides if index == 0 else 1
-      x = nn.Conv(self.channels, (3, 3), strides, padding=1, dtype=self.dtype)(x)
+      x = layers.Conv3x3(self.channels, strides, dtype=self.dtype)(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
       x = nn.relu(x)
     return x

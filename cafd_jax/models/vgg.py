@@ -5,7 +5,7 @@ from typing import Sequence, Union
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cafd_jax.models import common
+from cafd_jax.models import common, layers
 
 # "M" is 2x2 max pooling. The trailing pool of the classic layouts is replaced by the
 # GAP + dense head, so the last feature map is 2x2 for the standard depths.
@@ -37,7 +37,7 @@ class VGG(nn.Module):
       if item == "M":
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
         continue
-      h = nn.Conv(common.scaled(item, self.width), (3, 3), padding=1, dtype=self.dtype)(h)
+      h = layers.Conv3x3(common.scaled(item, self.width), dtype=self.dtype)(h)
       h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)
       h = nn.relu(h)
     features = h.astype(jnp.float32)
