@@ -26,7 +26,7 @@ class Defended:
   classify: Callable[[jnp.ndarray], jnp.ndarray]
   purify: Callable[[jnp.ndarray], jnp.ndarray]
   config: ml_collections.ConfigDict
-  num_classes: int
+  class_names: tuple[str, ...]  # label order of the logits
 
   def defended_logits(self, images: jnp.ndarray) -> jnp.ndarray:
     """Logits of the classifier behind the denoiser."""
@@ -42,22 +42,20 @@ def load(workdir: str) -> Defended:
   with open(config_path) as file:
     config = ml_collections.ConfigDict(json.load(file))
   config_checks.validate(config)
-  num_classes = _num_classes(config, workdir)
+  class_names = _class_names(workdir)
+  num_classes = len(class_names)
   classifier = factory.classifier(config, num_classes)
   classify = evaluate.logits_fn(classifier, pipeline.restore_classifier(config, workdir, num_classes))
   purify = evaluate.purify_fn(factory.denoiser(config), pipeline.restore_denoiser(config, workdir))
   return Defended(classify=jax.jit(classify), purify=jax.jit(purify), config=config,
-                  num_classes=num_classes)
+                  class_names=class_names)
 
 
-def _num_classes(config: ml_collections.ConfigDict, workdir: str) -> int:
-  """Number of classes of the saved classifier, read from its checkpoint metadata."""
-  directory = os.path.join(workdir, pipeline.CLASSIFIER_DIR)
-  manager = checkpoint.manager(directory)
-  step = manager.latest_step() if os.path.isdir(directory) else None
-  if step is None:
-    raise checkpoint.CheckpointError(f"No classifier checkpoint in {directory}; run the "
-                                     f"train_classifier stage first.")
-  metadata = manager.item_metadata(step)
-  kernel = metadata.params["head"]["dense"]["kernel"]
-  return int(kernel.shape[-1])
+def _class_names(workdir: str) -> tuple[str, ...]:
+  """Class names in label order, as the pipeline recorded them."""
+  path = os.path.join(workdir, pipeline.CLASSES_FILE)
+  if not os.path.exists(path):
+    raise checkpoint.CheckpointError(f"No {pipeline.CLASSES_FILE} in {workdir}; point api.load at "
+                                     f"the --workdir of a main.py run.")
+  with open(path) as file:
+    return tuple(json.load(file))

@@ -24,6 +24,7 @@ from cafd_jax.train import loop
 CLASSIFIER_DIR = "checkpoints/classifier"
 DENOISER_DIR = "checkpoints/denoiser"
 CRAFT_DIR = "craft"
+CLASSES_FILE = "classes.json"
 
 
 def _stage_key(config: ml_collections.ConfigDict, stage: str) -> jax.Array:
@@ -173,6 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     test_set = load_data(config, "test", config.data.num_test)
   os.makedirs(workdir, exist_ok=True)
   io_utils.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  io_utils.write_json(os.path.join(workdir, CLASSES_FILE), list((train_set or test_set).class_names))
   print(f"[pipeline] stages {','.join(stages)}  devices {jax.devices()}  workdir {workdir}",
         flush=True)
   if "train_classifier" in stages:
