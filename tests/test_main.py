@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,3 +96,34 @@ def test_bad_config_value_fails_cleanly(tmp_path):
   assert result.stderr.strip() == ("error: config.model.name: unknown 'vgg7'; choose from "
                                    "vgg_tiny,vgg11,vgg13,vgg16,vgg19,resnet18,resnet34,resnet50,wrn.")
   assert not workdir.exists()
+
+
+def _classifier_leaves(workdir):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from cafd_jax import pipeline  # pylint: disable=g-import-not-at-top
+  variables = pipeline.restore_classifier(tiny.get_config(), str(workdir), 10)
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(variables)]
+
+
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  overrides = ["--config.stages=train_classifier", "--config.classifier.num_epochs=4"]
+  straight = tmp_path / "straight"
+  assert _main(straight, *overrides).returncode == 0
+  killed = tmp_path / "killed"
+  command = [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir", str(killed),
+             *overrides]
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first_checkpoint = killed / "checkpoints" / "classifier" / "1"
+  deadline = time.time() + 300
+  while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert first_checkpoint.exists() and not (killed / "checkpoints" / "classifier" / "4").exists()
+  result = _main(killed, *overrides)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resuming after epoch" in result.stdout
+  for got, want in zip(_classifier_leaves(killed), _classifier_leaves(straight)):
+    np.testing.assert_array_equal(got, want)
