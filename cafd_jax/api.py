@@ -45,9 +45,11 @@ def load(workdir: str) -> Defended:
   class_names = _class_names(workdir)
   num_classes = len(class_names)
   classifier = factory.classifier(config, num_classes)
-  classify = evaluate.logits_fn(classifier, pipeline.restore_classifier(config, workdir, num_classes))
-  purify = evaluate.purify_fn(factory.denoiser(config), pipeline.restore_denoiser(config, workdir))
-  return Defended(classify=jax.jit(classify), purify=jax.jit(purify), config=config,
+  classify = evaluate.bind(jax.jit(classifier.apply),
+                           pipeline.restore_classifier(config, workdir, num_classes))
+  purify = evaluate.bind(jax.jit(factory.denoiser(config).apply),
+                         pipeline.restore_denoiser(config, workdir))
+  return Defended(classify=classify, purify=purify, config=config,
                   class_names=class_names)
 
 

@@ -38,7 +38,13 @@ def restore_latest(checkpoints: ocp.CheckpointManager, template: Any) -> tuple[i
 
 def require_latest(directory: str, template: Any, what: str) -> Any:
   """The latest state in ``directory``; a clear error if there is none."""
-  restored = restore_latest(manager(directory), template) if os.path.isdir(directory) else None
+  restored = None
+  if os.path.isdir(directory):
+    checkpoints = manager(directory)
+    try:
+      restored = restore_latest(checkpoints, template)
+    finally:
+      checkpoints.close()
   if restored is None:
     raise CheckpointError(f"No {what} checkpoint in {directory}; run its training stage first "
                           f"with the same --workdir.")

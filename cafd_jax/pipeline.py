@@ -69,9 +69,10 @@ def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Da
                    key=_stage_key(config, "train_classifier"),
                    checkpoint_dir=os.path.join(workdir, CLASSIFIER_DIR), workdir=workdir,
                    log_every_steps=config.log_every_steps)
-  classify = evaluate.logits_fn(factory.classifier(config, train_set.num_classes),
-                                {"params": state.params, "batch_stats": state.batch_stats})
-  predictions = classifier_train.predict(jax.jit(classify), test_set.images, config.eval.batch_size)
+  classifier = factory.classifier(config, train_set.num_classes)
+  classify = evaluate.bind(jax.jit(classifier.apply), {"params": state.params,
+                                                       "batch_stats": state.batch_stats})
+  predictions = classifier_train.predict(classify, test_set.images, config.eval.batch_size)
   print(f"[train_classifier] test accuracy {np.mean(predictions == test_set.labels):.4f} "
         f"(n={len(test_set)})", flush=True)
 
@@ -96,10 +97,14 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
   io_utils.write_json(settings_path, settings)
   classifier = factory.classifier(config, train_set.num_classes)
   variables = restore_classifier(config, workdir, train_set.num_classes)
-  caf_fn = denoiser_train.classifier_caf_fn(classifier, variables, config.caf.attack_kind,
-                                            config.caf.class_source)
   params = {name: config.craft[name] for name in ("eps", "step_size", "steps", "random_start")}
-  attack = jax.jit(lambda x, y, key: attacks.caf_attack(caf_fn, x, y, key, **params))
+
+  def caf_attack(classifier_variables, x, y, key):
+    caf_fn = denoiser_train.classifier_caf_fn(classifier, classifier_variables,
+                                              config.caf.attack_kind, config.caf.class_source)
+    return attacks.caf_attack(caf_fn, x, y, key, **params)
+
+  attack = evaluate.bind(jax.jit(caf_attack), variables)
   batch_size, key = config.craft.batch_size, _stage_key(config, "craft")
   num_chunks = -(-len(train_set) // batch_size)
   start_time, done_now = time.perf_counter(), 0
@@ -150,15 +155,14 @@ def train_denoiser(config, workdir, train_set: data.Dataset) -> None:
 
 def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
   classifier = factory.classifier(config, test_set.num_classes)
-  classifier_variables = restore_classifier(config, workdir, test_set.num_classes)
+  variables = {"classifier": restore_classifier(config, workdir, test_set.num_classes)}
   defense_names = config_checks.split_names(config.eval.defenses)
-  purify = None
+  denoiser = None
   if "cafd" in defense_names:
-    purify = evaluate.purify_fn(factory.denoiser(config), restore_denoiser(config, workdir))
-  defense_fns = evaluate.defenses(defense_names,
-                                  evaluate.logits_fn(classifier, classifier_variables), purify)
-  return evaluate.evaluate_unseen(config, test_set, classifier, classifier_variables, defense_fns,
-                                  config_checks.split_names(config.eval.attacks),
+    denoiser = factory.denoiser(config)
+    variables["denoiser"] = restore_denoiser(config, workdir)
+  return evaluate.evaluate_unseen(config, test_set, classifier, denoiser, variables,
+                                  defense_names, config_checks.split_names(config.eval.attacks),
                                   _stage_key(config, "evaluate"))
 
 

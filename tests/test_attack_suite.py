@@ -1,0 +1,147 @@
+"""The attack registry: constraints, determinism, and strength on a trained tiny model."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cafd_jax.attacks import pgd_suite, registry
+
+# Few steps per attack keep compilation and running fast; budgets are passed traced.
+FAST_PARAMS = {
+    "fgsm": {},
+    "pgd": dict(steps=3, restarts=2, loss="cw"),
+    "pgd_l2": dict(steps=3, restarts=2),
+    "mifgsm": dict(steps=3),
+    "cw": dict(steps=5, binary_search_steps=2),
+    "ddn": dict(steps=5),
+}
+BUDGET_PARAM = {"fgsm": "eps", "pgd": "eps", "pgd_l2": "eps", "mifgsm": "eps", "ddn": "max_norm"}
+L2_ATTACKS = ("pgd_l2", "ddn")
+
+
+def _linear_logits(x):
+  weights = jnp.linspace(-1.0, 1.0, x[0].size * 10).reshape(x[0].size, 10)
+  return x.reshape(x.shape[0], -1) @ weights
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name, logits_fn, budget_name=None, **static):
+  """One compiled attack per (name, logits_fn, static params); the budget stays traced."""
+  attack = registry.get(name)
+  if budget_name is None:
+    return jax.jit(lambda x, y, key: attack(logits_fn, x, y, key, **static))
+  return jax.jit(lambda x, y, key, budget: attack(
+      logits_fn, x, y, key, **{budget_name: budget}, **static))
+
+
+def _run(name, logits_fn, x, y, key, budget=None, **static):
+  static = {**FAST_PARAMS[name], **static}
+  if budget is None:
+    return _jitted(name, logits_fn, **static)(x, y, key)
+  fn = _jitted(name, logits_fn, BUDGET_PARAM[name], **static)
+  return fn(x, y, key, jnp.float32(budget))
+
+
+def _l2(delta):
+  return np.linalg.norm(np.asarray(delta).reshape(delta.shape[0], -1), axis=1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  x = jax.random.uniform(jax.random.key(0), (8, 32, 32, 3))
+  x = x.at[0].set(0.0).at[1].set(1.0)  # pixels at the box edges
+  return x, jnp.arange(8) % 10
+
+
+@pytest.fixture(scope="module")
+def tiny(trained_tiny):
+  """(logits_fn, x, y) on 32 test images; logits_fn is one object so jits are cached."""
+  model, variables, test_set, _ = trained_tiny
+  logits_fn = jax.jit(lambda z: model.apply(variables, z))
+  return logits_fn, jnp.asarray(test_set.images[:32]), jnp.asarray(test_set.labels[:32])
+
+
+def _accuracy(logits_fn, x, y):
+  return float(np.mean(np.argmax(logits_fn(x), -1) == np.asarray(y)))
+
+
+def test_registry_lists_every_attack_and_rejects_unknown_names():
+  assert set(FAST_PARAMS) == set(registry.ATTACKS)
+  assert registry.get("pgd") is pgd_suite.pgd_linf
+  with pytest.raises(ValueError, match="known: cw, ddn, fgsm"):
+    registry.get("nope")
+
+
+@pytest.mark.parametrize("name", sorted(registry.ATTACKS))
+def test_attack_stays_in_box_and_is_deterministic(batch, name):
+  x, y = batch
+  budget = {"pgd_l2": 1.0, "ddn": 1.0}.get(name, 8 / 255 if name in BUDGET_PARAM else None)
+  x_adv = _run(name, _linear_logits, x, y, jax.random.key(1), budget)
+  assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  np.testing.assert_array_equal(x_adv, _run(name, _linear_logits, x, y, jax.random.key(1), budget))
+  if name in L2_ATTACKS:
+    assert _l2(x_adv - x).max() <= budget + 1e-4
+  elif budget is not None:
+    assert float(jnp.max(jnp.abs(x_adv - x))) <= budget + 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET_PARAM))
+def test_zero_budget_leaves_inputs_unchanged(batch, name):
+  x, y = batch
+  np.testing.assert_array_equal(_run(name, _linear_logits, x, y, jax.random.key(2), 0.0), x)
+
+
+# The losses not used by FAST_PARAMS, with more restarts.
+@pytest.mark.parametrize("name,budget,loss", [("pgd", 8 / 255, "ce"), ("pgd_l2", 0.5, "cw")])
+def test_pgd_restarts_keep_constraints_and_vary_with_key(batch, name, budget, loss):
+  x, y = batch
+  run = lambda seed: _run(name, _linear_logits, x, y, jax.random.key(seed), budget,
+                          restarts=3, loss=loss)
+  x_adv = run(3)
+  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  if name == "pgd":
+    assert float(jnp.max(jnp.abs(x_adv - x))) <= budget + 1e-6
+  else:
+    assert _l2(x_adv - x).max() <= budget + 1e-4
+  assert not np.array_equal(x_adv, run(4))
+
+
+def test_cw_margin_loss_matches_numpy():
+  logits = np.array([[2.0, 1.0, -1.0], [0.5, 3.0, 2.5], [1.0, 1.0, 0.0]], np.float32)
+  y = np.array([0, 2, 1])
+  expected = np.array([1.0 - 2.0, 3.0 - 2.5, 1.0 - 1.0])
+  np.testing.assert_allclose(pgd_suite.cw_margin_loss(jnp.asarray(logits), jnp.asarray(y)),
+                             expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd"])
+def test_success_rate_grows_with_eps(tiny, name):
+  logits_fn, x, y = tiny
+  static = dict(steps=5, restarts=1, loss="ce") if name == "pgd" else {}
+  errors = [1.0 - _accuracy(logits_fn, _run(name, logits_fn, x, y, jax.random.key(0), eps,
+                                            **static), y)
+            for eps in (0.0, 1 / 255, 4 / 255, 8 / 255)]
+  assert errors == sorted(errors), errors
+  assert errors[-1] >= errors[0] + 0.3, errors
+
+
+@pytest.mark.parametrize("name,params", [
+    ("cw", dict(steps=25, binary_search_steps=2, lr=0.05)),
+    ("ddn", dict(steps=20)),
+])
+def test_minimal_norm_attacks_fool_the_trained_model(tiny, name, params):
+  logits_fn, x, y = tiny
+  x, y = x[:16], y[:16]
+  x_adv = _run(name, logits_fn, x, y, jax.random.key(0), **params)
+  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  clean_correct = np.argmax(logits_fn(x), -1) == np.asarray(y)
+  adv_correct = np.argmax(logits_fn(x_adv), -1) == np.asarray(y)
+  assert adv_correct.mean() <= 0.25 * clean_correct.mean(), (adv_correct.mean(),
+                                                              clean_correct.mean())
+  changed = np.any(np.asarray(x_adv != x).reshape(len(x), -1), axis=1)
+  assert not np.any(adv_correct & changed)  # every returned perturbation fools the model
+  assert np.all(_l2(x_adv - x)[changed] < 3.0)  # minimal-norm: far below the box diameter
