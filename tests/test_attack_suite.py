@@ -22,27 +22,33 @@ BUDGET_PARAM = {"fgsm": "eps", "pgd": "eps", "pgd_l2": "eps", "mifgsm": "eps", "
 L2_ATTACKS = ("pgd_l2", "ddn")
 
 
-def _linear_logits(x):
-  weights = jnp.linspace(-1.0, 1.0, x[0].size * 10).reshape(x[0].size, 10)
+def _linear_apply(weights, x):
   return x.reshape(x.shape[0], -1) @ weights
 
 
+# A model is (apply_fn, params); params are jit arguments, not constants baked into the graph.
+LINEAR = (_linear_apply, jnp.linspace(-1.0, 1.0, 32 * 32 * 3 * 10).reshape(-1, 10))
+
+
 @functools.lru_cache(maxsize=None)
-def _jitted(name, logits_fn, budget_name=None, **static):
-  """One compiled attack per (name, logits_fn, static params); the budget stays traced."""
+def _jitted(name, apply_fn, **static):
+  """One compiled attack per (name, apply_fn, static params); the budget stays traced."""
   attack = registry.get(name)
-  if budget_name is None:
-    return jax.jit(lambda x, y, key: attack(logits_fn, x, y, key, **static))
-  return jax.jit(lambda x, y, key, budget: attack(
-      logits_fn, x, y, key, **{budget_name: budget}, **static))
+
+  def run(params, x, y, key, budget):
+    logits_fn = functools.partial(apply_fn, params)
+    if budget is None:
+      return attack(logits_fn, x, y, key, **static)
+    return attack(logits_fn, x, y, key, **{BUDGET_PARAM[name]: budget}, **static)
+
+  return jax.jit(run)
 
 
-def _run(name, logits_fn, x, y, key, budget=None, **static):
+def _run(name, model, x, y, key, budget=None, **static):
+  apply_fn, params = model
   static = {**FAST_PARAMS[name], **static}
-  if budget is None:
-    return _jitted(name, logits_fn, **static)(x, y, key)
-  fn = _jitted(name, logits_fn, BUDGET_PARAM[name], **static)
-  return fn(x, y, key, jnp.float32(budget))
+  budget = None if budget is None else jnp.float32(budget)
+  return _jitted(name, apply_fn, **static)(params, x, y, key, budget)
 
 
 def _l2(delta):
@@ -58,14 +64,24 @@ def batch():
 
 @pytest.fixture(scope="module")
 def tiny(trained_tiny):
-  """(logits_fn, x, y) on 32 test images; logits_fn is one object so jits are cached."""
+  """((apply_fn, variables), x, y) on 32 test images."""
   model, variables, test_set, _ = trained_tiny
-  logits_fn = jax.jit(lambda z: model.apply(variables, z))
-  return logits_fn, jnp.asarray(test_set.images[:32]), jnp.asarray(test_set.labels[:32])
+  return ((model.apply, variables), jnp.asarray(test_set.images[:32]),
+          jnp.asarray(test_set.labels[:32]))
 
 
-def _accuracy(logits_fn, x, y):
-  return float(np.mean(np.argmax(logits_fn(x), -1) == np.asarray(y)))
+@functools.lru_cache(maxsize=None)
+def _jitted_predict(apply_fn):
+  return jax.jit(lambda params, x: jnp.argmax(apply_fn(params, x), -1))
+
+
+def _correct(model, x, y):
+  apply_fn, params = model
+  return np.asarray(_jitted_predict(apply_fn)(params, x)) == np.asarray(y)
+
+
+def _accuracy(model, x, y):
+  return float(np.mean(_correct(model, x, y)))
 
 
 def test_registry_lists_every_attack_and_rejects_unknown_names():
@@ -79,10 +95,10 @@ def test_registry_lists_every_attack_and_rejects_unknown_names():
 def test_attack_stays_in_box_and_is_deterministic(batch, name):
   x, y = batch
   budget = {"pgd_l2": 1.0, "ddn": 1.0}.get(name, 8 / 255 if name in BUDGET_PARAM else None)
-  x_adv = _run(name, _linear_logits, x, y, jax.random.key(1), budget)
+  x_adv = _run(name, LINEAR, x, y, jax.random.key(1), budget)
   assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
   assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-  np.testing.assert_array_equal(x_adv, _run(name, _linear_logits, x, y, jax.random.key(1), budget))
+  np.testing.assert_array_equal(x_adv, _run(name, LINEAR, x, y, jax.random.key(1), budget))
   if name in L2_ATTACKS:
     assert _l2(x_adv - x).max() <= budget + 1e-4
   elif budget is not None:
@@ -92,14 +108,14 @@ def test_attack_stays_in_box_and_is_deterministic(batch, name):
 @pytest.mark.parametrize("name", sorted(BUDGET_PARAM))
 def test_zero_budget_leaves_inputs_unchanged(batch, name):
   x, y = batch
-  np.testing.assert_array_equal(_run(name, _linear_logits, x, y, jax.random.key(2), 0.0), x)
+  np.testing.assert_array_equal(_run(name, LINEAR, x, y, jax.random.key(2), 0.0), x)
 
 
 # The losses not used by FAST_PARAMS, with more restarts.
 @pytest.mark.parametrize("name,budget,loss", [("pgd", 8 / 255, "ce"), ("pgd_l2", 0.5, "cw")])
 def test_pgd_restarts_keep_constraints_and_vary_with_key(batch, name, budget, loss):
   x, y = batch
-  run = lambda seed: _run(name, _linear_logits, x, y, jax.random.key(seed), budget,
+  run = lambda seed: _run(name, LINEAR, x, y, jax.random.key(seed), budget,
                           restarts=3, loss=loss)
   x_adv = run(3)
   assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
@@ -120,9 +136,9 @@ def test_cw_margin_loss_matches_numpy():
 
 @pytest.mark.parametrize("name", ["fgsm", "pgd"])
 def test_success_rate_grows_with_eps(tiny, name):
-  logits_fn, x, y = tiny
+  model, x, y = tiny
   static = dict(steps=5, restarts=1, loss="ce") if name == "pgd" else {}
-  errors = [1.0 - _accuracy(logits_fn, _run(name, logits_fn, x, y, jax.random.key(0), eps,
+  errors = [1.0 - _accuracy(model, _run(name, model, x, y, jax.random.key(0), eps,
                                             **static), y)
             for eps in (0.0, 1 / 255, 4 / 255, 8 / 255)]
   assert errors == sorted(errors), errors
@@ -134,12 +150,12 @@ def test_success_rate_grows_with_eps(tiny, name):
     ("ddn", dict(steps=20)),
 ])
 def test_minimal_norm_attacks_fool_the_trained_model(tiny, name, params):
-  logits_fn, x, y = tiny
+  model, x, y = tiny
   x, y = x[:16], y[:16]
-  x_adv = _run(name, logits_fn, x, y, jax.random.key(0), **params)
+  x_adv = _run(name, model, x, y, jax.random.key(0), **params)
   assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-  clean_correct = np.argmax(logits_fn(x), -1) == np.asarray(y)
-  adv_correct = np.argmax(logits_fn(x_adv), -1) == np.asarray(y)
+  clean_correct = _correct(model, x, y)
+  adv_correct = _correct(model, x_adv, y)
   assert adv_correct.mean() <= 0.25 * clean_correct.mean(), (adv_correct.mean(),
                                                               clean_correct.mean())
   changed = np.any(np.asarray(x_adv != x).reshape(len(x), -1), axis=1)

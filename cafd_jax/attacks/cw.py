@@ -1,4 +1,4 @@
-"""Carlini-Wagner L2 (Carlini & Wagner 2017), untargeted, after foolbox 3's L2CarliniWagnerAttack."""
+"""Carlini-Wagner L2 (Carlini & Wagner 2017), untargeted, after foolbox 3's L2 CW attack."""
 
 from typing import Callable
 
