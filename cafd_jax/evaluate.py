@@ -51,6 +51,17 @@ def defense_predictors(names: Sequence[str], classifier: nn.Module, denoiser: nn
   return {name: jax.jit(lambda v, x, fn=table[name]: jnp.argmax(fn(v, x), -1)) for name in names}
 
 
+def caf_attack(config: ml_collections.ConfigDict, classifier: nn.Module, params: dict) -> Callable:
+  """A jitted ``attack(classifier_variables, x, y, key)``: the CAF attack with ``params``."""
+
+  def attack(variables, x, y, key):
+    caf_fn = denoiser_train.classifier_caf_fn(classifier, variables, config.caf.attack_kind,
+                                              config.caf.class_source)
+    return attacks.caf_attack(caf_fn, x, y, key, **params)
+
+  return jax.jit(attack)
+
+
 def build_attack(name: str, config: ml_collections.ConfigDict, classifier: nn.Module) -> Callable:
   """A jitted ``attack(classifier_variables, x, y, key) -> x_adv`` that sees only the classifier
   (the unseen threat model)."""
@@ -61,14 +72,7 @@ def build_attack(name: str, config: ml_collections.ConfigDict, classifier: nn.Mo
     return jax.jit(lambda variables, x, y, key: attacks.pgd(
         logits_fn(classifier, variables), x, y, key, **params))
   if name == "caf":
-    params = dict(config.eval.caf)
-
-    def caf(variables, x, y, key):
-      caf_fn = denoiser_train.classifier_caf_fn(classifier, variables, config.caf.attack_kind,
-                                                config.caf.class_source)
-      return attacks.caf_attack(caf_fn, x, y, key, **params)
-
-    return jax.jit(caf)
+    return caf_attack(config, classifier, dict(config.eval.caf))
   raise ValueError(f"eval.attacks: unknown attack {name!r}; choose from {ATTACKS}.")
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cafd_jax import attacks, checkpoint, config_checks, data, evaluate, factory, io_utils, report
+from cafd_jax import checkpoint, config_checks, data, evaluate, factory, io_utils, report
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import denoiser as denoiser_train
 from cafd_jax.train import loop
@@ -94,17 +94,11 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
       if json.load(file) != json.loads(json.dumps(settings)):
         raise config_checks.ConfigError(
             f"{directory} was crafted with other settings; delete it or use another --workdir.")
-  io_utils.write_json(settings_path, settings)
   classifier = factory.classifier(config, train_set.num_classes)
   variables = restore_classifier(config, workdir, train_set.num_classes)
+  io_utils.write_json(settings_path, settings)
   params = {name: config.craft[name] for name in ("eps", "step_size", "steps", "random_start")}
-
-  def caf_attack(classifier_variables, x, y, key):
-    caf_fn = denoiser_train.classifier_caf_fn(classifier, classifier_variables,
-                                              config.caf.attack_kind, config.caf.class_source)
-    return attacks.caf_attack(caf_fn, x, y, key, **params)
-
-  attack = evaluate.bind(jax.jit(caf_attack), variables)
+  attack = evaluate.bind(evaluate.caf_attack(config, classifier, params), variables)
   batch_size, key = config.craft.batch_size, _stage_key(config, "craft")
   num_chunks = -(-len(train_set) // batch_size)
   start_time, done_now = time.perf_counter(), 0

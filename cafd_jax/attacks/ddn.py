@@ -73,4 +73,3 @@ def ddn(logits_fn: LogitsFn, x: jnp.ndarray, y: jnp.ndarray, key: jax.Array, *,
   if max_norm is not None:
     best_delta = pgd_suite.project_l2(best_delta, max_norm)
   return jax.lax.stop_gradient(jnp.clip(x + best_delta, 0.0, 1.0))
-  return jnp.sum(losses.cross_entropy(logits, y)), logits

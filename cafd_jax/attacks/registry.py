@@ -2,15 +2,20 @@
 
 from typing import Callable
 
-from cafd_jax.attacks import cw, ddn, fgsm, mifgsm, pgd_suite
+# Functions, not modules: the package re-exports functions named like their modules.
+from cafd_jax.attacks.cw import cw_l2
+from cafd_jax.attacks.ddn import ddn
+from cafd_jax.attacks.fgsm import fgsm
+from cafd_jax.attacks.mifgsm import mifgsm
+from cafd_jax.attacks.pgd_suite import pgd_l2, pgd_linf
 
 ATTACKS: dict[str, Callable] = {
-    "fgsm": fgsm.fgsm,
-    "pgd": pgd_suite.pgd_linf,
-    "pgd_l2": pgd_suite.pgd_l2,
-    "mifgsm": mifgsm.mifgsm,
-    "cw": cw.cw_l2,
-    "ddn": ddn.ddn,
+    "fgsm": fgsm,
+    "pgd": pgd_linf,
+    "pgd_l2": pgd_l2,
+    "mifgsm": mifgsm,
+    "cw": cw_l2,
+    "ddn": ddn,
 }
 
 
