@@ -14,9 +14,10 @@ import numpy as np
 from flax import linen as nn
 
 from cafd_jax import attacks, data
+from cafd_jax.attacks import registry
 from cafd_jax.train import denoiser as denoiser_train
 
-ATTACKS = ("none", "pgd", "caf")
+ATTACKS = ("none", "caf") + tuple(registry.ATTACKS)
 DEFENSES = ("none", "cafd")
 LogitsFn = Callable[[jnp.ndarray], jnp.ndarray]
 
@@ -64,15 +65,16 @@ def caf_attack(config: ml_collections.ConfigDict, classifier: nn.Module, params:
 
 def build_attack(name: str, config: ml_collections.ConfigDict, classifier: nn.Module) -> Callable:
   """A jitted ``attack(classifier_variables, x, y, key) -> x_adv`` that sees only the classifier
-  (the unseen threat model)."""
+  (the unseen threat model); parameters from ``config.eval.<name>``, else the attack's defaults."""
   if name == "none":
     return lambda variables, x, y, key: x
-  if name == "pgd":
-    params = dict(config.eval.pgd)
-    return jax.jit(lambda variables, x, y, key: attacks.pgd(
-        logits_fn(classifier, variables), x, y, key, **params))
   if name == "caf":
     return caf_attack(config, classifier, dict(config.eval.caf))
+  if name in registry.ATTACKS:
+    params = dict(config.eval[name]) if name in config.eval else {}
+    attack = registry.get(name)
+    return jax.jit(lambda variables, x, y, key: attack(logits_fn(classifier, variables), x, y, key,
+                                                       **params))
   raise ValueError(f"eval.attacks: unknown attack {name!r}; choose from {ATTACKS}.")
 
 

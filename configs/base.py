@@ -75,4 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
                                                    random_start=True))
   config.eval.caf = ml_collections.ConfigDict(dict(eps=8 / 255, step_size=0.01, steps=100,
                                                    random_start=True))
+  # Further attacks for config.eval.attacks (their reference defaults; see cafd_jax/attacks/).
+  config.eval.fgsm = ml_collections.ConfigDict(dict(eps=8 / 255))
+  config.eval.mifgsm = ml_collections.ConfigDict(dict(eps=8 / 255, steps=10, decay=1.0))
+  config.eval.pgd_l2 = ml_collections.ConfigDict(dict(eps=0.5, step_size=0.1, steps=20))
+  config.eval.cw = ml_collections.ConfigDict(dict(steps=100, confidence=1.0, initial_const=1.0,
+                                                  lr=0.01, binary_search_steps=4))
+  config.eval.ddn = ml_collections.ConfigDict(dict(steps=100, gamma=0.05, init_norm=1.0))
   return config

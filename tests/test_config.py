@@ -43,7 +43,7 @@ def test_reference_hyper_parameters():
     ("denoiser.learning_rate", -1.0, "config.denoiser.learning_rate"),
     ("caf.loss_kind", "gradcam", "config.caf.loss_kind"),
     ("caf.class_source", "oracle", "config.caf.class_source"),
-    ("eval.attacks", "pgd,fgsm", "config.eval.attacks"),
+    ("eval.attacks", "pgd,jsma", "config.eval.attacks"),
     ("eval.defenses", "jpeg", "config.eval.defenses"),
     ("data.num_train", -5, "config.data.num_train"),
 ])

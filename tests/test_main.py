@@ -98,6 +98,22 @@ def test_bad_config_value_fails_cleanly(tmp_path):
   assert not workdir.exists()
 
 
+def test_every_registered_attack_runs_through_the_evaluation_stage(finished_run, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir, _ = finished_run
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  attacks = "fgsm,pgd_l2,mifgsm,cw,ddn"
+  result = _main(copy, "--config.stages=evaluate", f"--config.eval.attacks={attacks}",
+                 "--config.eval.num_examples=20", "--config.eval.cw.steps=3",
+                 "--config.eval.cw.binary_search_steps=1", "--config.eval.ddn.steps=3",
+                 "--config.eval.pgd_l2.steps=2", "--config.eval.mifgsm.steps=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((copy / "report.json").read_text())["results"]
+  assert {(row["attack"], row["defense"]) for row in rows} == {
+      (a, d) for a in attacks.split(",") for d in ("none", "cafd")}
+
+
 def _classifier_leaves(workdir):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from cafd_jax import pipeline  # pylint: disable=g-import-not-at-top

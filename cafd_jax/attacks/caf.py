@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from cafd_jax import cam, losses
-from cafd_jax.attacks import pgd as pgd_lib
+from cafd_jax.attacks.pgd import projected_gradient_ascent
 
 
 def caf_attack(caf_fn: cam.CafFn, x: jnp.ndarray, y: jnp.ndarray, key: jax.Array, *,
@@ -13,5 +13,5 @@ def caf_attack(caf_fn: cam.CafFn, x: jnp.ndarray, y: jnp.ndarray, key: jax.Array
   """Maximises the per-example MSE between caf(x_adv, y) and caf(x, y)."""
   natural = jax.lax.stop_gradient(caf_fn(x, y))
   objective = lambda z: losses.per_example_mse(caf_fn(z, y), natural)
-  return pgd_lib.projected_gradient_ascent(objective, x, key, eps=eps, step_size=step_size,
-                                           steps=steps, random_start=random_start)
+  return projected_gradient_ascent(objective, x, key, eps=eps, step_size=step_size, steps=steps,
+                                   random_start=random_start)

@@ -1,4 +1,4 @@
-"""L-inf projected gradient ascent, and PGD on the cross-entropy of any ``logits_fn``."""
+"""L-inf projected gradient ascent: the engine of PGD (``pgd_suite``) and the CAF attack."""
 
 from typing import Callable
 
@@ -6,10 +6,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from cafd_jax import losses
 
 Objective = Callable[[jnp.ndarray], jnp.ndarray]  # images -> per-example loss [B]
-LogitsFn = Callable[[jnp.ndarray], jnp.ndarray]
 
 
 def projected_gradient_ascent(objective: Objective, x: jnp.ndarray, key: jax.Array, *,
@@ -32,12 +30,3 @@ def projected_gradient_ascent(objective: Objective, x: jnp.ndarray, key: jax.Arr
 
   x_adv = jax.lax.fori_loop(0, steps, step, x_adv)
   return jax.lax.stop_gradient(x_adv)
-
-
-def pgd(logits_fn: LogitsFn, x: jnp.ndarray, y: jnp.ndarray, key: jax.Array, *,
-        eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 20,
-        random_start: bool = True) -> jnp.ndarray:
-  """Untargeted L-inf PGD (Madry et al. 2018) maximising cross-entropy."""
-  objective = lambda z: losses.cross_entropy(logits_fn(z), y)
-  return projected_gradient_ascent(objective, x, key, eps=eps, step_size=step_size,
-                                   steps=steps, random_start=random_start)

@@ -49,7 +49,12 @@ def project_l2(delta: jnp.ndarray, radius: float | jnp.ndarray) -> jnp.ndarray:
 def _best_of_restarts(attack_once: Callable[[jax.Array], jnp.ndarray], logits_fn: LogitsFn,
                       x: jnp.ndarray, y: jnp.ndarray, key: jax.Array,
                       restarts: int) -> jnp.ndarray:
-  """Runs attack_once per restart key; keeps per example the first fooling run, else the last."""
+  """Runs attack_once per restart key; keeps per example the first fooling run, else the last.
+
+  A single run uses ``key`` itself, so one restart equals the plain attack with that key.
+  """
+  if restarts == 1:
+    return jax.lax.stop_gradient(attack_once(key))
 
   def body(carry, restart_key):
     best, fooled = carry
