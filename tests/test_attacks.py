@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cafd_jax import attacks, models
+from cafd_jax import attacks
 from cafd_jax.train import denoiser as denoiser_train
 
 

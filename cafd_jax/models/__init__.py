@@ -1,6 +1,5 @@
 """Model zoo: classifiers by name, the U-Net denoiser and the discriminator."""
 
-import functools
 
 from flax import linen as nn
 
