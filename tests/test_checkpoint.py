@@ -36,7 +36,9 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_config, tmp_path):
 
   with pytest.raises(Interrupted):
     _fit(tiny_config, str(tmp_path / "resumed"), dying_step)
-  assert checkpoint.manager(str(tmp_path / "resumed")).latest_step() == 1
+  checkpoints = checkpoint.manager(str(tmp_path / "resumed"))
+  assert checkpoints.latest_step() == 1
+  checkpoints.close()
   resumed = _fit(tiny_config, str(tmp_path / "resumed"), step_fn)
   for got, want in zip(jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state)),
                        jax.tree.leaves((reference.params, reference.batch_stats, reference.opt_state))):
@@ -49,7 +51,9 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_config, tmp_path):
 def test_corrupt_checkpoint_gives_one_clear_line(tiny_config, tmp_path):
   directory = str(tmp_path / "ckpt")
   state = factory.classifier_state(tiny_config, 10, jax.random.key(0), steps_per_epoch=1)
-  checkpoint.save(checkpoint.manager(directory), 1, state)
+  checkpoints = checkpoint.manager(directory)
+  checkpoint.save(checkpoints, 1, state)
+  checkpoints.close()
   for root, _, files in os.walk(os.path.join(directory, "1")):
     for name in files:
       if name != "commit_success.txt" and not name.startswith("_"):

@@ -29,22 +29,26 @@ def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray]
     raise ValueError(f"{stage}: batch size {batch_size} exceeds the {num_examples} examples; "
                      f"lower the batch size or use more data.")
   checkpoints = checkpoint.manager(checkpoint_dir, max_to_keep)
-  restored = checkpoint.restore_latest(checkpoints, state)
-  start_epoch = 0
-  if restored is not None:
-    start_epoch, state = restored
-    print(f"[{stage}] resuming after epoch {start_epoch}/{num_epochs}", flush=True)
-  logger = metrics.ProgressLogger(stage, num_epochs * steps_per_epoch, workdir, batch_size,
-                                  log_every_steps)
-  for epoch in range(start_epoch, num_epochs):
-    order = epoch_order(num_examples, seed, epoch)
-    for index in range(steps_per_epoch):
-      batch_indices = np.sort(order[index * batch_size:(index + 1) * batch_size])
-      batch = tuple(array[batch_indices] for array in arrays)
-      step = epoch * steps_per_epoch + index
-      state, step_metrics = step_fn(state, batch, jax.random.fold_in(key, step))
-      logger.step(step + 1, step_metrics)
-    checkpoint.save(checkpoints, epoch + 1, state)
-  logger.close()
-  checkpoints.close()
+  try:
+    restored = checkpoint.restore_latest(checkpoints, state)
+    start_epoch = 0
+    if restored is not None:
+      start_epoch, state = restored
+      print(f"[{stage}] resuming after epoch {start_epoch}/{num_epochs}", flush=True)
+    logger = metrics.ProgressLogger(stage, num_epochs * steps_per_epoch, workdir, batch_size,
+                                    log_every_steps)
+    try:
+      for epoch in range(start_epoch, num_epochs):
+        order = epoch_order(num_examples, seed, epoch)
+        for index in range(steps_per_epoch):
+          batch_indices = np.sort(order[index * batch_size:(index + 1) * batch_size])
+          batch = tuple(array[batch_indices] for array in arrays)
+          step = epoch * steps_per_epoch + index
+          state, step_metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+          logger.step(step + 1, step_metrics)
+        checkpoint.save(checkpoints, epoch + 1, state)
+    finally:
+      logger.close()
+  finally:
+    checkpoints.close()
   return state
