@@ -18,6 +18,7 @@ import numpy as np
 
 from cafd_jax import checkpoint, config_checks, data, evaluate, factory, io_utils, report
 from cafd_jax.train import classifier as classifier_train
+from cafd_jax.train import common
 from cafd_jax.train import denoiser as denoiser_train
 from cafd_jax.train import loop
 
@@ -48,14 +49,14 @@ def restore_classifier(config: ml_collections.ConfigDict, workdir: str, num_clas
   """Inference variables of the trained classifier, from its checkpoint alone."""
   template = factory.classifier_state(config, num_classes, jax.random.key(0), 1)
   state = checkpoint.require_latest(os.path.join(workdir, CLASSIFIER_DIR), template, "classifier")
-  return {"params": state.params, "batch_stats": state.batch_stats}
+  return common.variables_of(state)
 
 
 def restore_denoiser(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Inference variables of the trained denoiser, from its checkpoint alone."""
   template = factory.denoiser_states(config, jax.random.key(0), 1)
   states = checkpoint.require_latest(os.path.join(workdir, DENOISER_DIR), template, "denoiser")
-  return {"params": states[0].params, "batch_stats": states[0].batch_stats}
+  return common.variables_of(states[0])
 
 
 def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset) -> None:
@@ -69,9 +70,7 @@ def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Da
                    key=_stage_key(config, "train_classifier"),
                    checkpoint_dir=os.path.join(workdir, CLASSIFIER_DIR), workdir=workdir,
                    log_every_steps=config.log_every_steps)
-  classifier = factory.classifier(config, train_set.num_classes)
-  classify = evaluate.bind(jax.jit(classifier.apply), {"params": state.params,
-                                                       "batch_stats": state.batch_stats})
+  classify = evaluate.bind(jax.jit(state.apply_fn), common.variables_of(state))
   predictions = classifier_train.predict(classify, test_set.images, config.eval.batch_size)
   print(f"[train_classifier] test accuracy {np.mean(predictions == test_set.labels):.4f} "
         f"(n={len(test_set)})", flush=True)
