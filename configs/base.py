@@ -82,4 +82,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.cw = ml_collections.ConfigDict(dict(steps=100, confidence=1.0, initial_const=1.0,
                                                   lr=0.01, binary_search_steps=4))
   config.eval.ddn = ml_collections.ConfigDict(dict(steps=100, gamma=0.05, init_norm=1.0))
+  # AutoAttack "standard" and its parts (Croce & Hein 2020).
+  linf = dict(eps=8 / 255, steps=100, restarts=1)
+  config.eval.apgd_ce = ml_collections.ConfigDict(linf)
+  config.eval.apgd_dlr = ml_collections.ConfigDict(linf)
+  config.eval.apgd_t = ml_collections.ConfigDict(dict(linf, n_target_classes=9))
+  config.eval.fab_t = ml_collections.ConfigDict(dict(linf, n_target_classes=9))
+  config.eval.square = ml_collections.ConfigDict(dict(eps=8 / 255, n_queries=5000))
+  config.eval.autoattack = ml_collections.ConfigDict(dict(
+      eps=8 / 255, version="standard", steps=100, n_target_classes=9, square_queries=5000))
+  # stAdv as CAFD's evaluation calls it (advertorch: 100 L-BFGS iterations, flow weight 1).
+  config.eval.sta = ml_collections.ConfigDict(dict(steps=100))
+  # Wong et al. 2019: radius grows from 0.001 by x1.17 every 10 steps; capped at 0.1 here.
+  config.eval.wasserstein = ml_collections.ConfigDict(dict(
+      eps=0.001, eps_growth=1.17, max_eps=0.1, steps=400, sinkhorn_iters=50))
   return config

@@ -22,4 +22,13 @@ def get_config():
   config.eval.batch_size = 100
   config.eval.pgd.steps = 2
   config.eval.caf.steps = 2
+  # A couple of iterations each, so tests can run every registered attack end to end.
+  for name in ("mifgsm", "pgd_l2", "cw", "ddn", "apgd_ce", "apgd_dlr", "apgd_t", "fab_t", "sta",
+               "wasserstein"):
+    config.eval[name].steps = 2
+  config.eval.cw.binary_search_steps = 1
+  config.eval.apgd_t.n_target_classes = config.eval.fab_t.n_target_classes = 2
+  config.eval.square.n_queries = 10
+  config.eval.autoattack.update(dict(steps=2, n_target_classes=2, square_queries=10))
+  config.eval.wasserstein.sinkhorn_iters = 5
   return config

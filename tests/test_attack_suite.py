@@ -18,9 +18,21 @@ FAST_PARAMS = {
     "mifgsm": dict(steps=3),
     "cw": dict(steps=5, binary_search_steps=2),
     "ddn": dict(steps=5),
+    "apgd_ce": dict(steps=5, restarts=2),
+    "apgd_dlr": dict(steps=5),
+    "apgd_t": dict(steps=3, n_target_classes=2),
+    "fab_t": dict(steps=3, n_target_classes=2),
+    "square": dict(n_queries=20),
+    "autoattack": dict(steps=3, n_target_classes=2, square_queries=20),
+    "sta": dict(steps=3),
+    "wasserstein": dict(steps=3, sinkhorn_iters=5, eps_growth=1.0),
 }
-BUDGET_PARAM = {"fgsm": "eps", "pgd": "eps", "pgd_l2": "eps", "mifgsm": "eps", "ddn": "max_norm"}
-L2_ATTACKS = ("pgd_l2", "ddn")
+BUDGET_PARAM = {"fgsm": "eps", "pgd": "eps", "pgd_l2": "eps", "mifgsm": "eps", "ddn": "max_norm",
+                "apgd_ce": "eps", "apgd_dlr": "eps", "apgd_t": "eps", "fab_t": "eps",
+                "square": "eps", "autoattack": "eps", "wasserstein": "eps"}
+TEST_BUDGET = {"pgd_l2": 1.0, "ddn": 1.0, "wasserstein": 0.01}
+# A zero Wasserstein radius is only approximately the identity (entropic projection).
+ZERO_BUDGET_IDENTITY = sorted(set(BUDGET_PARAM) - {"wasserstein"})
 
 
 def _linear_apply(weights, x):
@@ -86,27 +98,28 @@ def _accuracy(model, x, y):
 
 
 def test_registry_lists_every_attack_and_rejects_unknown_names():
-  assert set(FAST_PARAMS) == set(registry.ATTACKS)
+  assert set(FAST_PARAMS) == set(registry.ATTACKS) == set(registry.NORMS)
   assert registry.get("pgd") is pgd_suite.pgd_linf
-  with pytest.raises(ValueError, match="known: cw, ddn, fgsm"):
+  with pytest.raises(ValueError, match="known: apgd_ce, apgd_dlr"):
     registry.get("nope")
 
 
 @pytest.mark.parametrize("name", sorted(registry.ATTACKS))
 def test_attack_stays_in_box_and_ball_and_is_deterministic(batch, name):
   x, y = batch
-  budget = {"pgd_l2": 1.0, "ddn": 1.0}.get(name, 8 / 255 if name in BUDGET_PARAM else None)
+  budget = TEST_BUDGET.get(name, 8 / 255 if name in BUDGET_PARAM else None)
   x_adv = _run(name, LINEAR, x, y, jax.random.key(1), budget)
   assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
   assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
   np.testing.assert_array_equal(x_adv, _run(name, LINEAR, x, y, jax.random.key(1), budget))
-  if name in L2_ATTACKS:
+  norm = "l2" if name == "ddn" else registry.NORMS[name]  # DDN's max_norm is an L2 ball
+  if norm == "l2":
     assert _l2(x_adv - x).max() <= budget + 1e-4
-  elif budget is not None:
+  elif norm == "linf":
     assert float(jnp.max(jnp.abs(x_adv - x))) <= budget + 1e-6
 
 
-@pytest.mark.parametrize("name", sorted(BUDGET_PARAM))
+@pytest.mark.parametrize("name", ZERO_BUDGET_IDENTITY)
 def test_zero_budget_leaves_inputs_unchanged(batch, name):
   x, y = batch
   np.testing.assert_array_equal(_run(name, LINEAR, x, y, jax.random.key(2), 0.0), x)
