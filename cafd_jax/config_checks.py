@@ -77,3 +77,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _non_negative("config.denoiser.gan_weight", config.denoiser.gan_weight)
   _check_names("config.eval.attacks", config.eval.attacks, evaluate.ATTACKS)
   _check_names("config.eval.defenses", config.eval.defenses, evaluate.DEFENSES)
+  _check_names("config.eval.threat_models", config.eval.threat_models, evaluate.THREAT_MODELS)
+  if config.eval.sweep_eps and config.eval.sweep_attack not in evaluate.ATTACKS[2:]:
+    raise ConfigError(f"config.eval.sweep_attack={config.eval.sweep_attack!r} must name a "
+                      f"registered attack with an eps budget, e.g. 'pgd'")

@@ -1,7 +1,16 @@
-"""Robust accuracy of defended classifiers: attacks x defenses under a threat model.
+"""Robust accuracy of defended classifiers: attacks x defenses x threat models.
 
-Threat model ``unseen`` (the paper's main setting): the attack sees only the bare classifier;
-its adversarial examples are then classified behind each defense.
+Threat models (named in every result row):
+
+* ``unseen`` (the paper's main setting): the attack sees only the bare classifier; its
+  adversarial examples are then classified behind each defense.
+* ``bpda``: the attack runs through the defense with the identity as its gradient.
+* ``white_box``: end-to-end gradients through a differentiable defense (the denoisers, the
+  median filter); for non-differentiable ones (bit depth, JPEG) this is BPDA, and the row
+  says ``"gradient": "bpda"``.
+
+The undefended classifier is the same model under every threat model, so it is attacked once
+(under ``unseen``); the CAF attack runs only under ``unseen``.
 """
 
 import functools
@@ -12,13 +21,15 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from cafd_jax import attacks, data
-from cafd_jax.attacks import registry
+from cafd_jax import attacks, data, defenses
+from cafd_jax.attacks import registry, wrappers
 from cafd_jax.train import denoiser as denoiser_train
 
 ATTACKS = ("none", "caf") + tuple(registry.ATTACKS)
-DEFENSES = ("none", "cafd")
+DEFENSES = ("none", "cafd") + tuple(defenses.TRANSFORMS)
+THREAT_MODELS = ("unseen", "bpda", "white_box")
 LogitsFn = Callable[[jnp.ndarray], jnp.ndarray]
+Preprocess = Callable[[dict, jnp.ndarray], jnp.ndarray]  # (variables, images) -> images
 
 
 def logits_fn(classifier: nn.Module, variables: dict) -> LogitsFn:
@@ -35,20 +46,42 @@ def bind(jitted: Callable, variables: Any) -> Callable:
   return functools.partial(jitted, variables)
 
 
-def defense_predictors(names: Sequence[str], classifier: nn.Module, denoiser: nn.Module | None
+def preprocessors(names: Sequence[str], denoiser: nn.Module | None,
+                  config: ml_collections.ConfigDict) -> dict[str, Preprocess]:
+  """For each defense, ``preprocess(variables, images)``; ``variables`` as in evaluate()."""
+  table = {"none": lambda variables, x: x}
+  if denoiser is not None:
+    table["cafd"] = lambda variables, x: denoiser.apply(variables["denoiser"], x)
+  for name, transform in defenses.TRANSFORMS.items():
+    params = dict(config.eval[name]) if name in config.eval else {}
+    table[name] = lambda variables, x, t=transform, p=params: t(x, **p)
+  return {name: table[name] for name in names}
+
+
+def differentiable(defense: str) -> bool:
+  return defenses.DIFFERENTIABLE.get(defense, True)
+
+
+def defense_predictors(classifier: nn.Module, preprocess: dict[str, Preprocess]
                        ) -> dict[str, Callable]:
-  """For each defense, a jitted ``predict(variables, images) -> classes``.
+  """For each defense, a jitted ``predict(variables, images) -> classes``."""
 
-  ``variables`` is ``{"classifier": ..., "denoiser": ...}``.
-  """
-  def undefended(variables, images):
-    return classifier.apply(variables["classifier"], images)
+  def predict(variables, images, pre):
+    return jnp.argmax(classifier.apply(variables["classifier"], pre(variables, images)), -1)
 
-  def cafd(variables, images):
-    return undefended(variables, denoiser.apply(variables["denoiser"], images))
+  return {name: jax.jit(functools.partial(predict, pre=pre)) for name, pre in preprocess.items()}
 
-  table = {"none": undefended, "cafd": cafd}
-  return {name: jax.jit(lambda v, x, fn=table[name]: jnp.argmax(fn(v, x), -1)) for name in names}
+
+def attacked_logits(classifier: nn.Module, variables: dict, threat_model: str,
+                    preprocess: Preprocess | None, defense: str) -> LogitsFn:
+  """What the attacker differentiates under a threat model, for one defense."""
+  classify = logits_fn(classifier, variables["classifier"])
+  if threat_model == "unseen" or defense == "none":
+    return classify
+  purify = functools.partial(preprocess, variables)
+  if threat_model == "bpda" or not differentiable(defense):
+    return wrappers.bpda(purify, classify)
+  return lambda x: classify(purify(x))
 
 
 def caf_attack(config: ml_collections.ConfigDict, classifier: nn.Module, params: dict) -> Callable:
@@ -62,47 +95,101 @@ def caf_attack(config: ml_collections.ConfigDict, classifier: nn.Module, params:
   return jax.jit(attack)
 
 
-def build_attack(name: str, config: ml_collections.ConfigDict, classifier: nn.Module) -> Callable:
-  """A jitted ``attack(classifier_variables, x, y, key) -> x_adv`` that sees only the classifier
-  (the unseen threat model); parameters from ``config.eval.<name>``, else the attack's defaults."""
+def attack_params(name: str, config: ml_collections.ConfigDict) -> dict:
+  return dict(config.eval[name]) if name in config.eval else {}
+
+
+def attack_budget(name: str, params: dict) -> float | None:
+  """The budget a row reports as ``eps``: L-inf/L2 radius, or the capped Wasserstein radius."""
+  if name == "none":
+    return 0.0
+  if name == "wasserstein":
+    return params.get("max_eps")
+  if name == "caf" or registry.NORMS.get(name) in ("linf", "l2"):
+    return params.get("eps")
+  return params.get("max_norm")  # minimal-norm attacks: None unless a budget was set
+
+
+def build_attack(name: str, config: ml_collections.ConfigDict, classifier: nn.Module,
+                 threat_model: str = "unseen", defense: str = "none",
+                 preprocess: Preprocess | None = None,
+                 params: dict | None = None) -> Callable:
+  """A jitted ``attack(variables, x, y, key) -> x_adv``; ``variables`` as in evaluate().
+
+  Parameters from ``params``, else ``config.eval.<name>``, else the attack's defaults.
+  """
+  params = attack_params(name, config) if params is None else params
   if name == "none":
     return lambda variables, x, y, key: x
   if name == "caf":
-    return caf_attack(config, classifier, dict(config.eval.caf))
+    if threat_model != "unseen":
+      raise ValueError("the CAF attack is evaluated under the unseen threat model only")
+    caf = caf_attack(config, classifier, params)
+    return lambda variables, x, y, key: caf(variables["classifier"], x, y, key)
   if name in registry.ATTACKS:
-    params = dict(config.eval[name]) if name in config.eval else {}
     attack = registry.get(name)
-    return jax.jit(lambda variables, x, y, key: attack(logits_fn(classifier, variables), x, y, key,
-                                                       **params))
+
+    def run(variables, x, y, key):
+      target = attacked_logits(classifier, variables, threat_model, preprocess, defense)
+      return attack(target, x, y, key, **params)
+
+    return jax.jit(run)
   raise ValueError(f"eval.attacks: unknown attack {name!r}; choose from {ATTACKS}.")
 
 
-def evaluate_unseen(config: ml_collections.ConfigDict, dataset: data.Dataset,
-                    classifier: nn.Module, denoiser: nn.Module | None, variables: dict,
-                    defense_names: Sequence[str], attack_names: Sequence[str], key: jax.Array,
-                    log: Callable[[str], None] = print) -> list[dict]:
-  """Accuracy of every defense on adversarial examples crafted against the bare classifier.
+def _accuracies(attack: Callable, predictors: dict[str, Callable], dataset: data.Dataset,
+                variables: dict, batch_size: int, key: jax.Array) -> dict[str, float]:
+  """Accuracy of each predictor on the attack's examples, batch by batch."""
+  correct = {name: 0 for name in predictors}
+  for batch_index, start in enumerate(range(0, len(dataset), batch_size)):
+    x = jnp.asarray(dataset.images[start:start + batch_size])
+    y = jnp.asarray(dataset.labels[start:start + batch_size])
+    x_adv = attack(variables, x, y, jax.random.fold_in(key, batch_index))
+    for name, predict in predictors.items():
+      correct[name] += int(jnp.sum(predict(variables, x_adv) == y))
+  return {name: count / len(dataset) for name, count in correct.items()}
+
+
+def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifier: nn.Module,
+             denoiser: nn.Module | None, variables: dict, defense_names: Sequence[str],
+             attack_names: Sequence[str], threat_models: Sequence[str], key: jax.Array,
+             log: Callable[[str], None] = print) -> list[dict]:
+  """One row per (attack, eps, threat model, defense) with its accuracy.
 
   ``variables`` is ``{"classifier": ..., "denoiser": ...}`` (the denoiser only if a defense
-  needs it).
+  needs it). ``config.eval.sweep_eps`` adds rows for ``config.eval.sweep_attack`` at each
+  listed budget (accuracy-vs-eps curves).
   """
-  batch_size = config.eval.batch_size
-  predictors = defense_predictors(defense_names, classifier, denoiser)
+  preprocess = preprocessors(defense_names, denoiser, config)
+  predictors = defense_predictors(classifier, preprocess)
+  runs = [(name, attack_params(name, config)) for name in attack_names]
+  sweep = config.eval.get("sweep_attack", "")
+  for eps in config.eval.get("sweep_eps", ()):
+    runs.append((sweep, dict(attack_params(sweep, config), eps=float(eps))))
+  model_name = config.model.name
   results = []
-  for attack_index, attack_name in enumerate(attack_names):
-    attack = build_attack(attack_name, config, classifier)
-    correct = {name: 0 for name in defense_names}
-    for batch_index, start in enumerate(range(0, len(dataset), batch_size)):
-      x = jnp.asarray(dataset.images[start:start + batch_size])
-      y = jnp.asarray(dataset.labels[start:start + batch_size])
-      batch_key = jax.random.fold_in(jax.random.fold_in(key, attack_index), batch_index)
-      x_adv = attack(variables["classifier"], x, y, batch_key)
-      for name in defense_names:
-        correct[name] += int(jnp.sum(predictors[name](variables, x_adv) == y))
-    for name in defense_names:
-      accuracy = correct[name] / len(dataset)
-      results.append({"attack": attack_name, "defense": name, "threat_model": "unseen",
-                      "accuracy": accuracy, "n": len(dataset)})
-      log(f"[evaluate] attack {attack_name:>5}  defense {name:>5}  accuracy {accuracy:.4f}  "
-          f"(n={len(dataset)})")
+  for run_index, (name, params) in enumerate(runs):
+    eps = attack_budget(name, params)
+    for threat in threat_models:
+      if threat != "unseen" and name in ("none", "caf"):
+        continue
+      targets = [None] if threat == "unseen" else [d for d in defense_names if d != "none"]
+      for defense in targets:
+        attack = build_attack(name, config, classifier, threat, defense or "none",
+                              preprocess.get(defense), params)
+        judged = predictors if defense is None else {defense: predictors[defense]}
+        run_key = jax.random.fold_in(key, run_index)
+        if threat != "unseen":  # unseen keeps the keys of earlier, unseen-only reports
+          run_key = jax.random.fold_in(run_key, THREAT_MODELS.index(threat))
+        accuracies = _accuracies(attack, judged, dataset, variables, config.eval.batch_size,
+                                 run_key)
+        for defense_name, accuracy in accuracies.items():
+          row = {"attack": name, "defense": defense_name, "threat_model": threat,
+                 "model": model_name, "eps": eps, "accuracy": accuracy, "n": len(dataset)}
+          if threat == "white_box" and not differentiable(defense_name):
+            row["gradient"] = "bpda"
+          results.append(row)
+          eps_text = "" if eps is None else f"  eps {eps:.4g}"
+          log(f"[evaluate] {threat:>9}  attack {name:>10}{eps_text}  defense {defense_name:>9}"
+              f"  accuracy {accuracy:.4f}  (n={len(dataset)})")
   return results

@@ -154,9 +154,10 @@ def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
   if "cafd" in defense_names:
     denoiser = factory.denoiser(config)
     variables["denoiser"] = restore_denoiser(config, workdir)
-  return evaluate.evaluate_unseen(config, test_set, classifier, denoiser, variables,
-                                  defense_names, config_checks.split_names(config.eval.attacks),
-                                  _stage_key(config, "evaluate"))
+  return evaluate.evaluate(config, test_set, classifier, denoiser, variables, defense_names,
+                           config_checks.split_names(config.eval.attacks),
+                           config_checks.split_names(config.eval.threat_models),
+                           _stage_key(config, "evaluate"))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -184,7 +185,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if "evaluate" in stages:
     eval_set = test_set.take(_count(config.eval.num_examples))
     results = run_evaluation(config, workdir, eval_set)
+    run_info = report.metadata(config.seed, time.perf_counter() - started)
     report.write(workdir, config.to_dict(), results,
-                 {"wall_time_s": round(time.perf_counter() - started, 1)})
+                 {"wall_time_s": run_info["wall_time_s"], "metadata": run_info})
     print(f"[pipeline] report written to {os.path.join(workdir, 'report.md')}", flush=True)
   print(f"[pipeline] done in {time.perf_counter() - started:.1f}s", flush=True)

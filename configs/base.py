@@ -70,7 +70,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.num_examples = 0  # 0 = the whole test split
   config.eval.batch_size = 500
   config.eval.attacks = "none,pgd,caf"
-  config.eval.defenses = "none,cafd"
+  config.eval.defenses = "none,cafd"  # also: bit_depth, median, jpeg (input transforms)
+  config.eval.threat_models = "unseen"  # also: bpda, white_box (adaptive attacks)
+  # Accuracy-vs-eps curve: sweep_attack re-run at each budget in sweep_eps (empty: none).
+  config.eval.sweep_attack = "pgd"
+  config.eval.sweep_eps = ()
+  # Input-transform baselines (Xu et al. 2018 on CIFAR-10: 5 bits, 2x2 median; JPEG 75).
+  config.eval.bit_depth = ml_collections.ConfigDict(dict(bits=5))
+  config.eval.median = ml_collections.ConfigDict(dict(size=2))
+  config.eval.jpeg = ml_collections.ConfigDict(dict(quality=75))
   config.eval.pgd = ml_collections.ConfigDict(dict(eps=8 / 255, step_size=2 / 255, steps=20,
                                                    random_start=True))
   config.eval.caf = ml_collections.ConfigDict(dict(eps=8 / 255, step_size=0.01, steps=100,

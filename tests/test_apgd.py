@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cafd_jax import losses
 from cafd_jax.attacks import apgd
 
 ATTACKS = {
@@ -97,7 +98,8 @@ def test_checkpoints_for_100_steps_follow_the_paper():
   assert [w for _, w in schedule] == list(np.diff([0] + expected))
 
 
-@pytest.mark.parametrize("steps", [1, 37, 100])
+@pytest.mark.parametrize("steps", [pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(37, marks=pytest.mark.slow), 100])
 def test_checkpoints_match_torchattacks(steps, monkeypatch):
   """Records where torchattacks' APGD checks its step size, and with which window."""
   torch = pytest.importorskip("torch")
@@ -161,11 +163,13 @@ def float64():
 
 
 @pytest.mark.parametrize("loss,norm", [
-    ("ce", "linf"), ("dlr", "linf"), ("targeted", "linf"), ("ce", "l2"), ("dlr", "l2"),
+    pytest.param("ce", "linf", marks=pytest.mark.slow), ("dlr", "linf"),
+    pytest.param("targeted", "linf", marks=pytest.mark.slow), ("ce", "l2"),
+    pytest.param("dlr", "l2", marks=pytest.mark.slow),
 ])
 def test_single_run_matches_torchattacks_from_the_same_start(loss, norm, float64, monkeypatch):
   """Every iterate of one 25-step run (checks after 5, 4, 3, 2, 1, 1, ... steps) on a small
-  MLP, both frameworks starting from our random start (torch.rand / torch.randn patched)."""
+  MLP, both frameworks starting from the same random start (torch.rand / randn patched)."""
   del float64
   torch = pytest.importorskip("torch")
   torchattacks = pytest.importorskip("torchattacks")
@@ -174,7 +178,7 @@ def test_single_run_matches_torchattacks_from_the_same_start(loss, norm, float64
   x = jnp.asarray(rng.uniform(size=(32, 8, 8, 3)))
   clean_logits = jax_logits(x)
   y = jnp.argmax(clean_logits, -1)
-  eps, key, steps = (1.5 / 255 if norm == "linf" else 0.1), jax.random.key(5), 25
+  eps, steps = (1.5 / 255 if norm == "linf" else 0.1), 25
   reference_norm = {"linf": "Linf", "l2": "L2"}[norm]
   if loss == "targeted":
     target = jnp.argsort(clean_logits, axis=-1)[:, -2]
@@ -182,18 +186,21 @@ def test_single_run_matches_torchattacks_from_the_same_start(loss, norm, float64
     reference = torchattacks.APGDT(torch_model, norm=reference_norm, eps=eps, steps=steps)
     reference.target_class = 2
   else:
-    objective = {"ce": lambda logits: apgd.losses.cross_entropy(logits, y),
+    objective = {"ce": lambda logits: losses.cross_entropy(logits, y),
                  "dlr": lambda logits: apgd.dlr_loss(logits, y)}[loss]
     reference = torchattacks.APGD(torch_model, norm=reference_norm, eps=eps, steps=steps,
                                   loss=loss)
+  # The reference's random start, from NumPy noise (no costly float64 PRNG compilation).
+  noise = rng.uniform(size=x.shape) if norm == "linf" else rng.normal(size=x.shape)
+  t = 2.0 * noise - 1.0 if norm == "linf" else noise
+  t_norms = (np.abs(t).max(axis=(1, 2, 3)) if norm == "linf"
+             else np.sqrt(np.sum(t * t, axis=(1, 2, 3))) + 1e-12)
+  x_start = np.clip(np.asarray(x) + eps * t / t_norms[:, None, None, None], 0.0, 1.0)
   ours = _Recording(jax_logits)
-  x_adv, fooled = jax.jit(lambda: apgd._single_run(  # pylint: disable=protected-access
-      objective, ours, x, y, apgd._random_start(key, x, eps, norm),  # pylint: disable=protected-access
-      eps=eps, steps=steps, rho=0.75, norm=norm))()
+  x_adv, fooled = jax.jit(lambda start: apgd._single_run(  # pylint: disable=protected-access
+      objective, ours, x, y, start, eps=eps, steps=steps, rho=0.75, norm=norm))(x_start)
   jax.effects_barrier()
 
-  sample = jax.random.uniform if norm == "linf" else jax.random.normal
-  noise = np.asarray(sample(key, x.shape, x.dtype))
   patched = lambda *_, **__: torch.from_numpy(noise.copy()).permute(0, 3, 1, 2).contiguous()
   monkeypatch.setattr(torch, "rand" if norm == "linf" else "randn", patched)
   theirs = []
@@ -206,11 +213,17 @@ def test_single_run_matches_torchattacks_from_the_same_start(loss, norm, float64
     theirs = theirs[1:]  # APGDT first evaluates the clean input, to pick the target
 
   assert x_adv.dtype == jnp.float64 and len(ours.inputs) == len(theirs) == steps + 1
-  # Late in a run the step size is tiny and successive losses can tie to the last bit, so
-  # an example may still part ways (by a different step-size decision) near the end.
-  gap = np.abs(np.stack(ours.inputs) - np.stack(theirs)).max(axis=(2, 3, 4))  # [steps+1, B]
+  iterates = np.stack(ours.inputs)
+  assert iterates.min() >= 0.0 and iterates.max() <= 1.0
+  deltas = (iterates - np.asarray(x)).reshape(steps + 1, len(x), -1)
+  radii = np.abs(deltas).max(-1) if norm == "linf" else np.linalg.norm(deltas, axis=-1)
+  assert radii.max() <= eps * (1 + 1e-9)
+  # Late in a run the iterates barely move and successive losses can tie to the last bit, so
+  # a few examples may part ways there, by a different step-size decision.
+  gap = np.abs(iterates - np.stack(theirs)).max(axis=(2, 3, 4))  # [steps+1, B]
+  assert np.all(gap[:16] <= 1e-6), np.flatnonzero(np.any(gap[:16] > 1e-6, axis=0))
   same = np.all(gap <= 1e-6, axis=0)
-  assert same.mean() >= 31 / 32, np.flatnonzero(~same)
+  assert same.mean() >= 29 / 32, np.flatnonzero(~same)
   fooled = np.asarray(fooled)
   assert 0.2 <= fooled.mean() <= 0.8
   np.testing.assert_array_equal(fooled, ~robust_t.numpy().astype(bool))
@@ -247,8 +260,10 @@ def test_dlr_gradient_vanishes_where_the_true_class_ranks_third():
 
 
 @pytest.mark.parametrize("name,norm,eps", [
-    ("apgd_ce", "linf", 8 / 255), ("apgd_dlr", "linf", 8 / 255),
-    ("apgd_targeted", "linf", 8 / 255), ("apgd_ce", "l2", 1.0),
+    ("apgd_ce", "linf", 8 / 255),
+    pytest.param("apgd_dlr", "linf", 8 / 255, marks=pytest.mark.slow),
+    ("apgd_targeted", "linf", 8 / 255),
+    pytest.param("apgd_ce", "l2", 1.0, marks=pytest.mark.slow),  # L2 also in the torch check
 ])
 def test_attack_stays_in_box_and_ball_is_deterministic_and_idle_at_zero_eps(batch, name, norm,
                                                                               eps):
@@ -286,7 +301,7 @@ def test_unknown_loss_and_norm_are_rejected(batch):
 def test_ce_success_grows_with_eps_and_reaches_all(tiny):
   model, x, y = tiny
   errors = [1.0 - _accuracy(model, _run("apgd_ce", model, x, y, jax.random.key(0), eps,
-                                            steps=20), y)
+                                            steps=10), y)
             for eps in (0.0, 0.5 / 255, 1 / 255, 2 / 255, 16 / 255)]
   assert errors == sorted(errors), errors
   assert errors[0] == 0.0 and errors[-1] == 1.0, errors
@@ -295,15 +310,15 @@ def test_ce_success_grows_with_eps_and_reaches_all(tiny):
 
 def test_dlr_fools_every_image_at_a_large_eps(tiny):
   model, x, y = tiny
-  x_adv = _run("apgd_dlr", model, x, y, jax.random.key(0), 16 / 255, steps=20)
+  x_adv = _run("apgd_dlr", model, x, y, jax.random.key(0), 16 / 255, steps=10)
   assert _accuracy(model, x_adv, y) == 0.0
 
 
 @pytest.mark.slow
 def test_restarts_keep_earlier_successes(tiny):
   model, x, y = tiny
-  one = _run("apgd_ce", model, x, y, jax.random.key(3), 0.5 / 255, steps=20)
-  three = _run("apgd_ce", model, x, y, jax.random.key(3), 0.5 / 255, steps=20, restarts=3)
+  one = _run("apgd_ce", model, x, y, jax.random.key(3), 0.5 / 255, steps=10)
+  three = _run("apgd_ce", model, x, y, jax.random.key(3), 0.5 / 255, steps=10, restarts=3)
   fooled_one = _predict(model, one) != np.asarray(y)
   fooled_three = _predict(model, three) != np.asarray(y)
   assert 0 < fooled_one.sum() < len(y)

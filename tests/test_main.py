@@ -37,10 +37,13 @@ def test_report_schema_and_table(finished_run):
   cells = {(row["attack"], row["defense"]) for row in report["results"]}
   assert cells == {(a, d) for a in ("none", "pgd", "caf") for d in ("none", "cafd")}
   for row in report["results"]:
-    assert set(row) >= {"attack", "defense", "threat_model", "accuracy", "n"}
+    assert set(row) >= {"attack", "defense", "threat_model", "model", "eps", "accuracy", "n"}
     assert 0.0 <= row["accuracy"] <= 1.0 and row["n"] == 100
+  assert {"jax", "flax", "devices", "seed", "wall_time_s"} <= set(report["metadata"])
+  assert isinstance(report["integrity"], list)
   table = (workdir / "report.md").read_text()
-  assert "| attack | threat model | none | cafd |" in table
+  assert "| attack | eps | threat model | none | cafd |" in table
+  assert "## Integrity checks" in table
   for stage in ("train_classifier", "train_denoiser"):
     assert os.listdir(workdir / "tensorboard" / stage), stage
   assert "[train_classifier] step" in result.stdout and "img/s" in result.stdout
@@ -111,6 +114,35 @@ def test_every_registered_attack_runs_through_the_evaluation_stage(finished_run,
   rows = json.loads((copy / "report.json").read_text())["results"]
   assert {(row["attack"], row["defense"]) for row in rows} == {
       (a, d) for a in attacks.split(",") for d in ("none", "cafd")}
+
+
+def test_evaluation_grid_covers_threat_models_defenses_and_the_eps_sweep(finished_run, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir, _ = finished_run
+  copy = tmp_path / "grid"
+  shutil.copytree(workdir, copy)
+  defenses = ("none", "cafd", "bit_depth", "median", "jpeg")
+  result = _main(copy, "--config.stages=evaluate", "--config.eval.attacks=none,pgd",
+                 f"--config.eval.defenses={','.join(defenses)}",
+                 "--config.eval.threat_models=unseen,bpda,white_box",
+                 "--config.eval.sweep_eps=(0.0,0.0156862745098)", "--config.eval.num_examples=40")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((copy / "report.json").read_text())
+  cells = {(r["attack"], round(r["eps"], 6), r["threat_model"], r["defense"])
+           for r in report["results"]}
+  adaptive = [(t, d) for t in ("bpda", "white_box") for d in defenses if d != "none"]
+  expected = {("none", 0.0, "unseen", d) for d in defenses}
+  for eps in (round(8 / 255, 6), 0.0, round(0.0156862745098, 6)):
+    expected |= {("pgd", eps, "unseen", d) for d in defenses}
+    expected |= {("pgd", eps, t, d) for t, d in adaptive}
+  assert len(report["results"]) == len(expected) == 5 + 3 * 13
+  assert cells == expected
+  for row in report["results"]:  # the non-differentiable transforms are attacked with BPDA
+    expect_bpda = row["threat_model"] == "white_box" and row["defense"] in ("bit_depth", "jpeg")
+    assert (row.get("gradient") == "bpda") == expect_bpda, row
+  checks = {f["check"] for f in report["integrity"]}
+  assert {"accuracy_falls_with_eps", "white_box_not_above_unseen",
+          "zero_eps_matches_clean"} <= checks
 
 
 def _classifier_leaves(workdir):

@@ -25,6 +25,7 @@ ObjectiveFn = Callable[[jnp.ndarray], jnp.ndarray]  # logits -> per-example loss
 
 _MOMENTUM = 0.75
 _NORMS = ("linf", "l2")
+_per_example = pgd_suite._per_example  # pylint: disable=protected-access
 
 
 def checkpoint_schedule(steps: int) -> list[tuple[int, int]]:
@@ -85,13 +86,13 @@ def _random_start(key: jax.Array, x: jnp.ndarray, eps: float | jnp.ndarray,
   else:
     t = jax.random.normal(key, x.shape, x.dtype)
     scale = pgd_suite.l2_norms(t) + 1e-12
-  return jnp.clip(x + eps * t / pgd_suite._per_example(scale, x), 0.0, 1.0)  # pylint: disable=protected-access
+  return jnp.clip(x + eps * t / _per_example(scale, x), 0.0, 1.0)
 
 
 def _project_l2(x: jnp.ndarray, z: jnp.ndarray, eps: float | jnp.ndarray,
                 slack: float) -> jnp.ndarray:
   """The reference's L2-ball projection of z around x (radius min(eps, norm + slack)), in [0,1]."""
-  per = lambda v: pgd_suite._per_example(v, x)  # pylint: disable=protected-access
+  per = lambda v: _per_example(v, x)
   delta = z - x
   norms = pgd_suite.l2_norms(delta)
   return jnp.clip(x + delta / per(norms + 1e-12) * per(jnp.minimum(eps, norms + slack)), 0.0, 1.0)
@@ -101,12 +102,12 @@ def _momentum_step(x: jnp.ndarray, x_adv: jnp.ndarray, grad: jnp.ndarray, moment
                    step_size: jnp.ndarray, a: jnp.ndarray, eps: float | jnp.ndarray,
                    norm: str) -> jnp.ndarray:
   """A gradient step projected to the ball and box, mixed with the last move (weight 1 - a)."""
-  step_size = pgd_suite._per_example(step_size, x)  # pylint: disable=protected-access
+  step_size = _per_example(step_size, x)
   if norm == "linf":
     project = lambda z: jnp.clip(jnp.minimum(jnp.maximum(z, x - eps), x + eps), 0.0, 1.0)
     x_1 = project(x_adv + step_size * jnp.sign(grad))
     return project(x_adv + (x_1 - x_adv) * a + momentum * (1.0 - a))
-  grad_norms = pgd_suite._per_example(pgd_suite.l2_norms(grad), x)  # pylint: disable=protected-access
+  grad_norms = _per_example(pgd_suite.l2_norms(grad), x)
   x_1 = _project_l2(x, x_adv + step_size * grad / (grad_norms + 1e-12), eps, 0.0)
   return _project_l2(x, x_adv + (x_1 - x_adv) * a + momentum * (1.0 - a), eps, 1e-12)
 
@@ -120,7 +121,7 @@ def _single_run(objective: ObjectiveFn, logits_fn: LogitsFn, x: jnp.ndarray, y: 
   ``APGD.attack_single_run``, including its quirk that the first window compares the first
   step's loss with 0 (an unfilled slot of its loss history) when ``steps`` > 1.
   """
-  per = lambda v: pgd_suite._per_example(v, x)  # pylint: disable=protected-access
+  per = lambda v: _per_example(v, x)
 
   def total_loss(z):
     logits = logits_fn(z)
@@ -189,7 +190,7 @@ def _single_run(objective: ObjectiveFn, logits_fn: LogitsFn, x: jnp.ndarray, y: 
 
 
 def _run_keys(key: jax.Array, runs: int) -> jax.Array:
-  """Run r draws its start from fold_in(key, r): adding runs leaves the earlier ones as they were."""
+  """Run r starts from fold_in(key, r): adding runs leaves the earlier ones as they were."""
   return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(runs))
 
 
@@ -200,7 +201,7 @@ def _attack_robust(run: Callable[[jax.Array, jnp.ndarray], tuple[jnp.ndarray, jn
 
   Examples misclassified from the start, and those no run fools, come back as x.
   """
-  per = lambda v: pgd_suite._per_example(v, x)  # pylint: disable=protected-access
+  per = lambda v: _per_example(v, x)
 
   def body(carry, inputs):
     adv, robust = carry
@@ -278,7 +279,7 @@ def apgd_targeted_once(logits_fn: LogitsFn, x: jnp.ndarray, y: jnp.ndarray, targ
   _check_norm(norm)
   x_run, fooled = _targeted_run(logits_fn, x, y, target, key, eps=eps, steps=steps, rho=rho,
                                 norm=norm)
-  return jax.lax.stop_gradient(jnp.where(pgd_suite._per_example(fooled, x), x_run, x))  # pylint: disable=protected-access
+  return jax.lax.stop_gradient(jnp.where(_per_example(fooled, x), x_run, x))
 
 
 def apgd_targeted(logits_fn: LogitsFn, x: jnp.ndarray, y: jnp.ndarray, key: jax.Array, *,

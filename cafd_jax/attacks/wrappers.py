@@ -19,7 +19,8 @@ def straight_through(preprocess: Preprocess, x: jnp.ndarray,
                      surrogate: Optional[Preprocess] = None) -> jnp.ndarray:
   """preprocess(x) in value; the gradient of ``surrogate`` (identity if None) in backward."""
   approx = x if surrogate is None else surrogate(x)
-  return approx + jax.lax.stop_gradient(preprocess(x) - approx)
+  # preprocess never sees a tangent, so host callbacks (JPEG) work under jax.grad.
+  return approx + jax.lax.stop_gradient(preprocess(jax.lax.stop_gradient(x)) - approx)
 
 
 def bpda(preprocess: Preprocess, logits_fn: LogitsFn,
