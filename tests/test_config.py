@@ -44,7 +44,8 @@ def test_reference_hyper_parameters():
     ("caf.loss_kind", "gradcam", "config.caf.loss_kind"),
     ("caf.class_source", "oracle", "config.caf.class_source"),
     ("eval.attacks", "pgd,jsma", "config.eval.attacks"),
-    ("eval.defenses", "jpeg", "config.eval.defenses"),
+    ("eval.defenses", "randomized_smoothing", "config.eval.defenses"),
+    ("eval.threat_models", "unseen,black_box", "config.eval.threat_models"),
     ("data.num_train", -5, "config.data.num_train"),
 ])
 def test_bad_values_raise_one_clear_line(tiny_config, field, value, needle):
