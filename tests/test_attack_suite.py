@@ -133,13 +133,25 @@ def test_cw_margin_loss_matches_numpy():
                              expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["fgsm", "pgd"])
+LINF_SWEEP = (0.0, 1 / 255, 4 / 255, 8 / 255)
+# Attacks whose own test files do not sweep eps already (APGD-CE, FAB-T, Square, Wasserstein do).
+SWEEPS = {
+    "fgsm": ({}, LINF_SWEEP),
+    "pgd": (dict(steps=5, restarts=1, loss="ce"), LINF_SWEEP),
+    "mifgsm": ({}, LINF_SWEEP),
+    "pgd_l2": (dict(restarts=1), (0.0, 0.1, 0.5, 1.0)),
+    "apgd_t": ({}, LINF_SWEEP),
+    "autoattack": (dict(version="fast"), LINF_SWEEP),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWEEPS))
 def test_success_rate_grows_with_eps(tiny, name):
   model, x, y = tiny
-  static = dict(steps=5, restarts=1, loss="ce") if name == "pgd" else {}
+  static, sweep = SWEEPS[name]
   errors = [1.0 - _accuracy(model, _run(name, model, x, y, jax.random.key(0), eps,
                                             **static), y)
-            for eps in (0.0, 1 / 255, 4 / 255, 8 / 255)]
+            for eps in sweep]
   assert errors == sorted(errors), errors
   assert errors[-1] >= errors[0] + 0.3, errors
 
