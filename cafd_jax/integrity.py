@@ -8,9 +8,12 @@ A row is a dict with at least ``attack``, ``defense``, ``threat_model``, ``model
 from collections import defaultdict
 from typing import Iterable
 
-GRADIENT_FREE = ("square",)
-LINF_GRADIENT_ATTACKS = ("fgsm", "pgd", "mifgsm", "apgd_ce", "apgd_dlr", "apgd_t", "fab_t",
-                         "autoattack")
+from cafd_jax.attacks import registry
+
+GRADIENT_FREE = registry.SCORE_BASED
+# AutoAttack counts as a gradient attack: its first stages are.
+LINF_GRADIENT_ATTACKS = tuple(name for name, norm in registry.NORMS.items()
+                              if norm == "linf" and name not in GRADIENT_FREE)
 # Slack on accuracies: one example in a few hundred flips with float rounding or random starts.
 TOLERANCE = 0.01
 SQUARE_MARGIN = 0.05  # "a few points": Square beating every gradient attack by more is suspect

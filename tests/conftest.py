@@ -1,5 +1,6 @@
 """Shared fixtures: the repository root on sys.path, tiny configs, a trained tiny classifier."""
 
+import functools
 import sys
 from pathlib import Path
 
@@ -40,3 +41,17 @@ def trained_tiny():
   logits = model.apply(variables, test_set.images)
   accuracy = float(np.mean(np.argmax(logits, -1) == test_set.labels))
   return model, variables, test_set, accuracy
+
+
+def correct_predictions(model, x, y):
+  """Per example, whether ``model = (apply_fn, params)`` classifies x correctly (numpy bool)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  apply_fn, params = model
+  return np.asarray(_jitted_predict(apply_fn)(params, x)) == np.asarray(y)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_predict(apply_fn):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jax.jit(lambda params, x: jnp.argmax(apply_fn(params, x), -1))

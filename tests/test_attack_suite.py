@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from cafd_jax.attacks import pgd_suite, registry
 
 # Few steps keep compiling and running fast; budgets are passed traced. The PGDs use
@@ -83,14 +84,7 @@ def tiny(trained_tiny):
           jnp.asarray(test_set.labels[:32]))
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_predict(apply_fn):
-  return jax.jit(lambda params, x: jnp.argmax(apply_fn(params, x), -1))
-
-
-def _correct(model, x, y):
-  apply_fn, params = model
-  return np.asarray(_jitted_predict(apply_fn)(params, x)) == np.asarray(y)
+_correct = conftest.correct_predictions
 
 
 def _accuracy(model, x, y):

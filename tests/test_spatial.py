@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+import conftest
 from cafd_jax.attacks import spatial
 
 
@@ -32,14 +33,7 @@ def _attack(fn, model, x, y, key=jax.random.key(0), max_flow=None, lr=None, **st
 _flow = functools.partial(_attack, spatial.spatial_transform_flow)
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_predict(apply_fn):
-  return jax.jit(lambda params, x: jnp.argmax(apply_fn(params, x), -1))
-
-
-def _correct(model, x, y):
-  apply_fn, params = model
-  return np.asarray(_jitted_predict(apply_fn)(params, x)) == np.asarray(y)
+_correct = conftest.correct_predictions
 
 
 def _lengths(flow):
