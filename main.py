@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cafd_jax import checkpoint, config_checks, data, pipeline
+from cafd_jax import checkpoint, config_checks, data, pipeline, report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -19,7 +19,8 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)  # Orbax is chatty at INFO and WARNING
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
-  except (config_checks.ConfigError, data.DataError, checkpoint.CheckpointError) as error:
+  except (config_checks.ConfigError, data.DataError, checkpoint.CheckpointError,
+          report.ReportError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 

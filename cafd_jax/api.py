@@ -33,8 +33,10 @@ class Defended:
     return self.classify(self.purify(images))
 
 
-def load(workdir: str) -> Defended:
-  """Restores the classifier and denoiser checkpoints of ``workdir``."""
+def load(workdir: str, denoiser: str = "cafd") -> Defended:
+  """Restores the classifier and a denoiser (``cafd``, or a baseline: ``pixel``, ``hgd``)."""
+  if denoiser not in evaluate.DENOISERS:
+    raise ValueError(f"denoiser must be one of {evaluate.DENOISERS}, got {denoiser!r}.")
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     raise checkpoint.CheckpointError(f"No config.json in {workdir}; point api.load at the "
@@ -48,7 +50,7 @@ def load(workdir: str) -> Defended:
   classify = evaluate.bind(jax.jit(classifier.apply),
                            pipeline.restore_classifier(config, workdir, num_classes))
   purify = evaluate.bind(jax.jit(factory.denoiser(config).apply),
-                         pipeline.restore_denoiser(config, workdir))
+                         pipeline.restore_denoiser(config, workdir, denoiser))
   return Defended(classify=classify, purify=purify, config=config,
                   class_names=class_names)
 

@@ -4,7 +4,8 @@ import ml_collections
 
 from cafd_jax import cam, data, evaluate, models
 
-STAGES = ("train_classifier", "craft", "train_denoiser", "evaluate")
+# Pipeline order. ``report`` only rebuilds tables and figures from DIR/report.json.
+STAGES = ("train_classifier", "craft", "train_denoiser", "train_baselines", "evaluate", "report")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_names("config.eval.attacks", config.eval.attacks, evaluate.ATTACKS)
   _check_names("config.eval.defenses", config.eval.defenses, evaluate.DEFENSES)
   _check_names("config.eval.threat_models", config.eval.threat_models, evaluate.THREAT_MODELS)
+  if split_names(config.eval.get("adaptive_defenses", "")):
+    _check_names("config.eval.adaptive_defenses", config.eval.adaptive_defenses, evaluate.DEFENSES)
+  _require(config.eval.get("figure_attack", "pgd") in evaluate.ATTACKS,
+           f"config.eval.figure_attack: unknown {config.eval.get('figure_attack')!r}; choose from "
+           f"{','.join(evaluate.ATTACKS)}.")
+  _require(all(isinstance(path, str) and path
+               for path in config.eval.get("transfer_workdirs", ())),
+           "config.eval.transfer_workdirs must be a tuple of workdir paths.")
   if config.eval.sweep_eps and config.eval.sweep_attack not in evaluate.ATTACKS[2:]:
     raise ConfigError(f"config.eval.sweep_attack={config.eval.sweep_attack!r} must name a "
                       f"registered attack with an eps budget, e.g. 'pgd'")

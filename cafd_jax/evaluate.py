@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import linen as nn
 
 from cafd_jax import attacks, data, defenses
@@ -26,7 +27,8 @@ from cafd_jax.attacks import registry, wrappers
 from cafd_jax.train import denoiser as denoiser_train
 
 ATTACKS = ("none", "caf") + tuple(registry.ATTACKS)
-DEFENSES = ("none", "cafd") + tuple(defenses.TRANSFORMS)
+DENOISERS = ("cafd",) + denoiser_train.BASELINES  # learned defenses, all the same U-Net
+DEFENSES = ("none",) + DENOISERS + tuple(defenses.TRANSFORMS)
 THREAT_MODELS = ("unseen", "bpda", "white_box")
 LogitsFn = Callable[[jnp.ndarray], jnp.ndarray]
 Preprocess = Callable[[dict, jnp.ndarray], jnp.ndarray]  # (variables, images) -> images
@@ -46,12 +48,12 @@ def bind(jitted: Callable, variables: Any) -> Callable:
   return functools.partial(jitted, variables)
 
 
-def preprocessors(names: Sequence[str], denoiser: nn.Module | None,
+def preprocessors(names: Sequence[str], denoisers: dict[str, nn.Module],
                   config: ml_collections.ConfigDict) -> dict[str, Preprocess]:
   """For each defense, ``preprocess(variables, images)``; ``variables`` as in evaluate()."""
   table = {"none": lambda variables, x: x}
-  if denoiser is not None:
-    table["cafd"] = lambda variables, x: denoiser.apply(variables["denoiser"], x)
+  for name, module in denoisers.items():
+    table[name] = lambda variables, x, m=module, n=name: m.apply(variables[n], x)
   for name, transform in defenses.TRANSFORMS.items():
     params = dict(config.eval[name]) if name in config.eval else {}
     table[name] = lambda variables, x, t=transform, p=params: t(x, **p)
@@ -151,29 +153,31 @@ def _accuracies(attack: Callable, predictors: dict[str, Callable], dataset: data
 
 
 def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifier: nn.Module,
-             denoiser: nn.Module | None, variables: dict, defense_names: Sequence[str],
+             denoisers: dict[str, nn.Module], variables: dict, defense_names: Sequence[str],
              attack_names: Sequence[str], threat_models: Sequence[str], key: jax.Array,
-             log: Callable[[str], None] = print) -> list[dict]:
+             log: Callable[[str], None] = print, model_label: str | None = None) -> list[dict]:
   """One row per (attack, eps, threat model, defense) with its accuracy.
 
-  ``variables`` is ``{"classifier": ..., "denoiser": ...}`` (the denoiser only if a defense
-  needs it). ``config.eval.sweep_eps`` adds rows for ``config.eval.sweep_attack`` at each
-  listed budget (accuracy-vs-eps curves).
+  ``denoisers`` maps each learned defense in ``defense_names`` (``cafd``, ``pixel``, ``hgd``) to
+  its module; ``variables`` is ``{"classifier": ..., <denoiser name>: ...}``.
+  ``config.eval.sweep_eps`` adds rows for ``config.eval.sweep_attack`` at each listed budget
+  (accuracy-vs-eps curves). Rows name the model ``model_label`` (default: config.model.name).
   """
-  preprocess = preprocessors(defense_names, denoiser, config)
+  preprocess = preprocessors(defense_names, denoisers, config)
   predictors = defense_predictors(classifier, preprocess)
   runs = [(name, attack_params(name, config)) for name in attack_names]
   sweep = config.eval.get("sweep_attack", "")
   for eps in config.eval.get("sweep_eps", ()):
     runs.append((sweep, dict(attack_params(sweep, config), eps=float(eps))))
-  model_name = config.model.name
+  model_name = model_label or config.model.name
+  adaptive = adaptive_targets(defense_names, config.eval.get("adaptive_defenses", ""))
   results = []
   for run_index, (name, params) in enumerate(runs):
     eps = attack_budget(name, params)
     for threat in threat_models:
       if threat != "unseen" and name in ("none", "caf"):
         continue
-      targets = [None] if threat == "unseen" else [d for d in defense_names if d != "none"]
+      targets = [None] if threat == "unseen" else adaptive
       for defense in targets:
         attack = build_attack(name, config, classifier, threat, defense or "none",
                               preprocess.get(defense), params)
@@ -193,3 +197,40 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
           log(f"[evaluate] {threat:>9}  attack {name:>10}{eps_text}  defense {defense_name:>9}"
               f"  accuracy {accuracy:.4f}  (n={len(dataset)})")
   return results
+
+
+def adaptive_targets(defense_names: Sequence[str], adaptive_defenses: str) -> list[str]:
+  """The defenses attacked under the adaptive threat models: those of ``adaptive_defenses``
+  (comma-separated; empty means every one) among ``defense_names``, never ``none``."""
+  chosen = [name.strip() for name in adaptive_defenses.split(",") if name.strip()]
+  return [name for name in defense_names if name != "none" and (not chosen or name in chosen)]
+
+
+def cam_figure_arrays(config: ml_collections.ConfigDict, dataset: data.Dataset,
+                      classifier: nn.Module, preprocess: dict[str, Preprocess], variables: dict,
+                      key: jax.Array, count: int = 8) -> dict:
+  """Arrays of the CAM picture: natural, adversarial (``eval.figure_attack``, unseen) and each
+  denoised version of the first ``count`` test images, with their CAMs of the predicted class.
+
+  Returns ``images`` [K, N, H, W, 3], ``cams`` [K, N, H, W], ``titles`` [K], ``predicted``
+  [K, N] and ``labels`` [N] (class names), as ``figures.cam_grid`` draws them.
+  """
+  name = config.eval.get("figure_attack", "pgd")
+  x = jnp.asarray(dataset.images[:count])
+  y = jnp.asarray(dataset.labels[:count])
+  x_adv = build_attack(name, config, classifier)(variables, x, y, key)
+  panels = {"natural": x, f"adversarial ({name})": x_adv}
+  for defense, pre in preprocess.items():
+    if defense != "none":
+      panels[f"{defense}(adversarial)"] = pre(variables, x_adv)
+  cam_fn = jax.jit(denoiser_train.classifier_caf_fn(classifier, variables["classifier"], "cam",
+                                                    "prediction"))
+  classify = jax.jit(logits_fn(classifier, variables["classifier"]))
+  names = np.asarray(dataset.class_names)
+  images = [np.asarray(jnp.clip(panel, 0, 1)) for panel in panels.values()]
+  return {"images": np.stack(images),
+          "cams": np.stack([np.asarray(cam_fn(image, y)) for image in images]),
+          "titles": np.asarray(list(panels)),
+          "predicted": np.stack([names[np.asarray(jnp.argmax(classify(image), -1))]
+                                 for image in images]),
+          "labels": names[np.asarray(y)]}

@@ -40,13 +40,24 @@ def classifier_state(config: ml_collections.ConfigDict, num_classes: int, key: j
   return common.create_state(classifier(config, num_classes), key, _sample(config), tx)
 
 
-def denoiser_states(config: ml_collections.ConfigDict, key: jax.Array,
-                    steps_per_epoch: int) -> tuple[common.TrainState, common.TrainState]:
-  """Fresh (denoiser, discriminator) TrainStates, both Adam with the denoiser's schedule."""
+def _denoiser_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   train = config.denoiser
   schedule = common.piecewise_schedule(train.learning_rate, steps_per_epoch,
                                        train.lr_decay_epochs, train.lr_decay_factor)
+  return common.make_optimizer("adam", schedule, weight_decay=train.weight_decay)
+
+
+def baseline_denoiser_state(config: ml_collections.ConfigDict, key: jax.Array,
+                            steps_per_epoch: int) -> common.TrainState:
+  """Fresh TrainState of a baseline denoiser: CAFD's U-Net, optimiser and schedule."""
+  return common.create_state(denoiser(config), key, _sample(config),
+                             _denoiser_optimizer(config, steps_per_epoch))
+
+
+def denoiser_states(config: ml_collections.ConfigDict, key: jax.Array,
+                    steps_per_epoch: int) -> tuple[common.TrainState, common.TrainState]:
+  """Fresh (denoiser, discriminator) TrainStates, both Adam with the denoiser's schedule."""
   denoiser_key, disc_key = jax.random.split(key)
-  make_tx = lambda: common.make_optimizer("adam", schedule, weight_decay=train.weight_decay)
+  make_tx = lambda: _denoiser_optimizer(config, steps_per_epoch)
   return (common.create_state(denoiser(config), denoiser_key, _sample(config), make_tx()),
           common.create_state(discriminator(config), disc_key, _sample(config), make_tx()))

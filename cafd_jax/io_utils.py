@@ -35,3 +35,8 @@ def write_json(path: str, value: Any) -> None:
 def write_npy(path: str, array: np.ndarray) -> None:
   """Writes one array in .npy format atomically."""
   _atomic(path, lambda file: np.save(file, array, allow_pickle=False))
+
+
+def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+  """Writes named arrays in .npz format atomically."""
+  _atomic(path, lambda file: np.savez_compressed(file, **arrays))

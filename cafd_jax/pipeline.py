@@ -3,7 +3,9 @@
   train_classifier -> DIR/checkpoints/classifier      (Orbax, one per epoch)
   craft            -> DIR/craft/chunk_*.npy           (CAF adversarial training set, per chunk)
   train_denoiser   -> DIR/checkpoints/denoiser        (Orbax: denoiser + discriminator)
-  evaluate         -> DIR/report.json, DIR/report.md  (restores from checkpoints only)
+  train_baselines  -> DIR/checkpoints/denoiser_NAME   (pixel / hgd, if named in eval.defenses)
+  evaluate         -> DIR/report.json, DIR/report.md, DIR/figures/  (restores checkpoints only)
+  report           -> report.md and figures rebuilt from DIR/report.json, nothing recomputed
 """
 
 import glob
@@ -16,7 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cafd_jax import checkpoint, config_checks, data, evaluate, factory, io_utils, report
+from cafd_jax import (checkpoint, config_checks, data, evaluate, factory, figures, io_utils,
+                      report)
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import common
 from cafd_jax.train import denoiser as denoiser_train
@@ -28,8 +31,23 @@ CRAFT_DIR = "craft"
 CLASSES_FILE = "classes.json"
 
 
+# Each stage's PRNG stream; append new stages so that earlier runs keep their keys.
+_KEY_ORDER = ("train_classifier", "craft", "train_denoiser", "evaluate", "train_baselines")
+_FIGURE_KEY = 2**20  # folded into the evaluate key for the CAM picture's attack
+
+
 def _stage_key(config: ml_collections.ConfigDict, stage: str) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(config.seed), config_checks.STAGES.index(stage))
+  return jax.random.fold_in(jax.random.key(config.seed), _KEY_ORDER.index(stage))
+
+
+def baseline_dir(name: str) -> str:
+  return f"{DENOISER_DIR}_{name}"
+
+
+def baselines_to_train(config: ml_collections.ConfigDict) -> list[str]:
+  """The baseline denoisers named in ``config.eval.defenses``."""
+  names = config_checks.split_names(config.eval.defenses)
+  return [name for name in denoiser_train.BASELINES if name in names]
 
 
 def _count(value: int) -> int | None:
@@ -52,11 +70,16 @@ def restore_classifier(config: ml_collections.ConfigDict, workdir: str, num_clas
   return common.variables_of(state)
 
 
-def restore_denoiser(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Inference variables of the trained denoiser, from its checkpoint alone."""
-  template = factory.denoiser_states(config, jax.random.key(0), 1)
-  states = checkpoint.require_latest(os.path.join(workdir, DENOISER_DIR), template, "denoiser")
-  return common.variables_of(states[0])
+def restore_denoiser(config: ml_collections.ConfigDict, workdir: str, name: str = "cafd") -> dict:
+  """Inference variables of a trained denoiser (cafd or a baseline), from its checkpoint alone."""
+  if name == "cafd":
+    template = factory.denoiser_states(config, jax.random.key(0), 1)
+    states = checkpoint.require_latest(os.path.join(workdir, DENOISER_DIR), template, "denoiser")
+    return common.variables_of(states[0])
+  template = factory.baseline_denoiser_state(config, jax.random.key(0), 1)
+  state = checkpoint.require_latest(os.path.join(workdir, baseline_dir(name)), template,
+                                    f"{name} denoiser")
+  return common.variables_of(state)
 
 
 def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset) -> None:
@@ -146,33 +169,98 @@ def train_denoiser(config, workdir, train_set: data.Dataset) -> None:
            log_every_steps=config.log_every_steps)
 
 
+def train_baselines(config, workdir, train_set: data.Dataset) -> None:
+  """Each baseline denoiser in eval.defenses, on CAFD's crafted data with CAFD's schedule."""
+  names = baselines_to_train(config)
+  if not names:
+    print("[train_baselines] no baseline denoiser in eval.defenses; nothing to train", flush=True)
+    return
+  x_adv = load_crafted(workdir, len(train_set))
+  classifier = factory.classifier(config, train_set.num_classes)
+  classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
+  train = config.denoiser
+  for index, name in enumerate(names):
+    key = jax.random.fold_in(_stage_key(config, "train_baselines"), index)
+    state = factory.baseline_denoiser_state(config, key, _steps_per_epoch(len(train_set),
+                                                                          train.batch_size))
+    step = denoiser_train.make_baseline_train_step(classifier, name)
+    loop.fit(stage=f"train_{name}_denoiser", state=state,
+             step_fn=denoiser_train.make_step_fn(step, classifier_variables),
+             arrays=(x_adv, train_set.images, train_set.labels), batch_size=train.batch_size,
+             num_epochs=train.num_epochs, seed=config.seed, key=key,
+             checkpoint_dir=os.path.join(workdir, baseline_dir(name)), workdir=workdir,
+             log_every_steps=config.log_every_steps)
+
+
+def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
+  """(config, workdir) of each run in ``eval.transfer_workdirs``: its classifier is attacked
+  behind this run's defenses (a denoiser trained against one model, used before another).
+  Its rows name the model ``NAME@WORKDIR``."""
+  targets = []
+  for other in config.eval.get("transfer_workdirs", ()):
+    path = os.path.join(other, "config.json")
+    if not os.path.exists(path):
+      raise config_checks.ConfigError(
+          f"config.eval.transfer_workdirs: {path} not found; train that classifier first "
+          f"(main.py --workdir {other} --config.stages=train_classifier).")
+    with open(path) as file:
+      other_config = ml_collections.ConfigDict(json.load(file))
+    target = ml_collections.ConfigDict(config.to_dict())
+    target.model = other_config.model
+    targets.append((target, other))
+  return targets
+
+
 def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
-  classifier = factory.classifier(config, test_set.num_classes)
-  variables = {"classifier": restore_classifier(config, workdir, test_set.num_classes)}
+  """The evaluation grid for this run's classifier and every transfer target; also writes the
+  arrays of the CAM picture."""
   defense_names = config_checks.split_names(config.eval.defenses)
-  denoiser = None
-  if "cafd" in defense_names:
-    denoiser = factory.denoiser(config)
-    variables["denoiser"] = restore_denoiser(config, workdir)
-  return evaluate.evaluate(config, test_set, classifier, denoiser, variables, defense_names,
-                           config_checks.split_names(config.eval.attacks),
-                           config_checks.split_names(config.eval.threat_models),
-                           _stage_key(config, "evaluate"))
+  denoisers, denoiser_variables = {}, {}
+  for name in evaluate.DENOISERS:
+    if name in defense_names:
+      denoisers[name] = factory.denoiser(config)
+      denoiser_variables[name] = restore_denoiser(config, workdir, name)
+  key = _stage_key(config, "evaluate")
+  results = []
+  for index, (target, target_dir) in enumerate([(config, workdir)] + _transfer_targets(config)):
+    classifier = factory.classifier(target, test_set.num_classes)
+    variables = {"classifier": restore_classifier(target, target_dir, test_set.num_classes),
+                 **denoiser_variables}
+    label = None
+    if index:
+      label = f"{target.model.name}@{os.path.basename(os.path.normpath(target_dir))}"
+    results += evaluate.evaluate(target, test_set, classifier, denoisers, variables,
+                                 defense_names, config_checks.split_names(config.eval.attacks),
+                                 config_checks.split_names(config.eval.threat_models),
+                                 jax.random.fold_in(key, index) if index else key,
+                                 model_label=label)
+    if index == 0:
+      arrays = evaluate.cam_figure_arrays(
+          config, test_set, classifier, evaluate.preprocessors(defense_names, denoisers, config),
+          variables, jax.random.fold_in(key, _FIGURE_KEY))
+      io_utils.write_npz(os.path.join(workdir, report.FIGURES_DIR, figures.CAM_ARRAYS), arrays)
+  return results
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Runs the stages named in ``config.stages`` in pipeline order."""
   config_checks.validate(config)
   stages = config_checks.split_names(config.stages)
+  if stages == ["report"]:  # nothing to load or recompute
+    report.render(workdir)
+    print(f"[pipeline] report and figures rebuilt from {os.path.join(workdir, report.REPORT_JSON)}",
+          flush=True)
+    return
   started = time.perf_counter()
   train_set = test_set = None
-  if {"train_classifier", "craft", "train_denoiser"} & set(stages):
+  if {"train_classifier", "craft", "train_denoiser", "train_baselines"} & set(stages):
     train_set = load_data(config, "train", config.data.num_train)
   if {"train_classifier", "evaluate"} & set(stages):
     test_set = load_data(config, "test", config.data.num_test)
   os.makedirs(workdir, exist_ok=True)
   io_utils.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  io_utils.write_json(os.path.join(workdir, CLASSES_FILE), list((train_set or test_set).class_names))
+  class_names = (train_set or test_set).class_names
+  io_utils.write_json(os.path.join(workdir, CLASSES_FILE), list(class_names))
   print(f"[pipeline] stages {','.join(stages)}  devices {jax.devices()}  workdir {workdir}",
         flush=True)
   if "train_classifier" in stages:
@@ -182,6 +270,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     craft(config, workdir, denoiser_set)
   if "train_denoiser" in stages:
     train_denoiser(config, workdir, denoiser_set)
+  if "train_baselines" in stages:
+    train_baselines(config, workdir, denoiser_set)
   if "evaluate" in stages:
     eval_set = test_set.take(_count(config.eval.num_examples))
     results = run_evaluation(config, workdir, eval_set)
@@ -189,4 +279,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     report.write(workdir, config.to_dict(), results,
                  {"wall_time_s": run_info["wall_time_s"], "metadata": run_info})
     print(f"[pipeline] report written to {os.path.join(workdir, 'report.md')}", flush=True)
+  if "report" in stages:
+    report.render(workdir)
   print(f"[pipeline] done in {time.perf_counter() - started:.1f}s", flush=True)

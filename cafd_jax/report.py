@@ -1,13 +1,28 @@
-"""report.json and report.md from evaluation results, written atomically."""
+"""report.json, report.md and figures from evaluation results, written atomically.
 
+``write`` stores the results in DIR/report.json and calls ``render``, which draws everything
+else (report.md, DIR/figures/*.png) from the workdir's files alone, so
+``--config.stages=report`` rebuilds the same outputs without recomputing anything.
+"""
+
+import json
 import os
 import platform
 import sys
 from typing import Sequence
 
 import jax
+import numpy as np
 
-from cafd_jax import integrity, io_utils
+from cafd_jax import figures, integrity, io_utils
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+FIGURES_DIR = "figures"
+
+
+class ReportError(ValueError):
+  """report.json is missing or unreadable; the message says what to run."""
 
 
 def _eps_text(eps) -> str:
@@ -17,22 +32,27 @@ def _eps_text(eps) -> str:
 
 
 def markdown_table(results: Sequence[dict]) -> str:
-  """Accuracy table: a row per (attack, eps, threat model), a column per defense."""
+  """Accuracy table: a row per (model, attack, eps, threat model), a column per defense.
+
+  The model column appears only when the rows name more than one target model.
+  """
   defenses = list(dict.fromkeys(row["defense"] for row in results))
-  keys = list(dict.fromkeys((row["attack"], row.get("eps"), row["threat_model"])
-                            for row in results))
-  table = {(row["attack"], row.get("eps"), row["threat_model"], row["defense"]): row
-           for row in results}
-  lines = ["| attack | eps | threat model | " + " | ".join(defenses) + " |",
-           "|---|---|---|" + "---|" * len(defenses)]
-  for attack, eps, threat in keys:
+  cell = lambda row: (row.get("model"), row["attack"], row.get("eps"), row["threat_model"])
+  keys = list(dict.fromkeys(cell(row) for row in results))
+  table = {(*cell(row), row["defense"]): row for row in results}
+  with_model = len({key[0] for key in keys}) > 1
+  head = "| model " if with_model else ""
+  lines = [head + "| attack | eps | threat model | " + " | ".join(defenses) + " |",
+           ("|---" if with_model else "") + "|---|---|---|" + "---|" * len(defenses)]
+  for model, attack, eps, threat in keys:
     cells = []
     for defense in defenses:
-      row = table.get((attack, eps, threat, defense))
+      row = table.get((model, attack, eps, threat, defense))
       mark = " (bpda)" if row and row.get("gradient") == "bpda" else ""
       cells.append(f"{row['accuracy']:.4f}{mark}" if row else "-")
     eps_cell = _eps_text(eps) if attack != "none" else "-"
-    lines.append(f"| {attack} | {eps_cell} | {threat} | " + " | ".join(cells) + " |")
+    lead = f"| {model} " if with_model else ""
+    lines.append(f"{lead}| {attack} | {eps_cell} | {threat} | " + " | ".join(cells) + " |")
   n = sorted({row["n"] for row in results})
   return "\n".join(lines) + f"\n\nAccuracy on n = {', '.join(map(str, n))} test images.\n"
 
@@ -59,12 +79,62 @@ def metadata(seed: int, wall_time_s: float) -> dict:
 
 
 def write(workdir: str, config: dict, results: Sequence[dict], extra: dict | None = None) -> None:
-  """Writes DIR/report.json and DIR/report.md (with integrity checks); never half-written."""
+  """Writes DIR/report.json (results + integrity checks), then ``render``s the rest."""
   findings = integrity.run_checks(results)
   report = {"config": config, "results": list(results), "integrity": findings}
   if extra:
     report.update(extra)
-  io_utils.write_json(os.path.join(workdir, "report.json"), report)
-  io_utils.write_text(os.path.join(workdir, "report.md"),
+  io_utils.write_json(os.path.join(workdir, REPORT_JSON), report)
+  render(workdir)
+
+
+def load(workdir: str) -> dict:
+  """DIR/report.json, or a one-line ReportError saying how to produce it."""
+  path = os.path.join(workdir, REPORT_JSON)
+  if not os.path.exists(path):
+    raise ReportError(f"{path} does not exist; run the evaluate stage first with this --workdir.")
+  try:
+    with open(path) as file:
+      report = json.load(file)
+    report["results"]  # pylint: disable=pointless-statement
+  except (ValueError, KeyError, TypeError) as error:
+    raise ReportError(f"{path} is not a readable report ({type(error).__name__}); rerun the "
+                      f"evaluate stage to rewrite it.") from None
+  return report
+
+
+def figures_section(written: Sequence[str]) -> str:
+  if not written:
+    return ""
+  return "## Figures\n\n" + "\n".join(f"![{name}]({FIGURES_DIR}/{name})" for name in written) + "\n"
+
+
+def write_figures(workdir: str, results: Sequence[dict]) -> list[str]:
+  """The PNGs under DIR/figures/ that the workdir's files allow; returns their names."""
+  directory = os.path.join(workdir, FIGURES_DIR)
+  os.makedirs(directory, exist_ok=True)
+  written = []
+  if figures.accuracy_vs_eps(results, os.path.join(directory, figures.ACCURACY_VS_EPS)):
+    written.append(figures.ACCURACY_VS_EPS)
+  arrays_path = os.path.join(directory, figures.CAM_ARRAYS)
+  if os.path.exists(arrays_path):
+    with np.load(arrays_path, allow_pickle=False) as arrays:
+      figures.cam_grid(dict(arrays), os.path.join(directory, figures.CAM_GRID))
+    written.append(figures.CAM_GRID)
+  if figures.training_curves(os.path.join(workdir, "tensorboard"),
+                             os.path.join(directory, figures.TRAINING_CURVES)):
+    written.append(figures.TRAINING_CURVES)
+  return written
+
+
+def render(workdir: str) -> None:
+  """report.md and figures from DIR/report.json (and the arrays and logs beside it)."""
+  report = load(workdir)
+  results = report["results"]
+  findings = report.get("integrity")
+  if findings is None:
+    findings = integrity.run_checks(results)
+  written = write_figures(workdir, results)
+  io_utils.write_text(os.path.join(workdir, REPORT_MD),
                       "# CAFD evaluation\n\n" + markdown_table(results) + "\n" +
-                      integrity_section(findings))
+                      integrity_section(findings) + "\n" + figures_section(written))

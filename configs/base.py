@@ -5,7 +5,8 @@ Every other config starts from ``get_config()`` here and changes what differs.
 
 import ml_collections
 
-ALL_STAGES = "train_classifier,craft,train_denoiser,evaluate"
+# train_baselines trains the baseline denoisers named in eval.defenses (pixel, hgd), if any.
+ALL_STAGES = "train_classifier,craft,train_denoiser,train_baselines,evaluate"
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -70,11 +71,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.num_examples = 0  # 0 = the whole test split
   config.eval.batch_size = 500
   config.eval.attacks = "none,pgd,caf"
-  config.eval.defenses = "none,cafd"  # also: bit_depth, median, jpeg (input transforms)
+  # Also: pixel, hgd (baseline denoisers: same U-Net, data and schedule as cafd, trained by the
+  # train_baselines stage) and bit_depth, median, jpeg (input transforms).
+  config.eval.defenses = "none,cafd"
   config.eval.threat_models = "unseen"  # also: bpda, white_box (adaptive attacks)
+  # The defenses attacked under bpda / white_box (comma-separated); empty: every defense.
+  config.eval.adaptive_defenses = ""
   # Accuracy-vs-eps curve: sweep_attack re-run at each budget in sweep_eps (empty: none).
   config.eval.sweep_attack = "pgd"
   config.eval.sweep_eps = ()
+  config.eval.figure_attack = "pgd"  # the adversarial column of figures/cam_grid.png
+  # Workdirs of other runs on the same data whose classifiers are also attacked behind this
+  # run's defenses (transfer: a denoiser trained against one model, used before another).
+  config.eval.transfer_workdirs = ()
   # Input-transform baselines (Xu et al. 2018 on CIFAR-10: 5 bits, 2x2 median; JPEG 75).
   config.eval.bit_depth = ml_collections.ConfigDict(dict(bits=5))
   config.eval.median = ml_collections.ConfigDict(dict(size=2))

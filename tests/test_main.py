@@ -145,6 +145,56 @@ def test_evaluation_grid_covers_threat_models_defenses_and_the_eps_sweep(finishe
           "zero_eps_matches_clean"} <= checks
 
 
+def test_baselines_transfer_figures_and_report_rebuild(finished_run, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir, _ = finished_run
+  copy, other = tmp_path / "grid", tmp_path / "other"
+  shutil.copytree(workdir, copy)
+  trained = _main(other, "--config.stages=train_classifier", "--config.model.width=0.5")
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  defenses = ("none", "cafd", "pixel", "hgd")
+  result = _main(copy, "--config.stages=train_baselines,evaluate",
+                 "--config.eval.attacks=none,pgd", f"--config.eval.defenses={','.join(defenses)}",
+                 "--config.eval.threat_models=unseen,white_box",
+                 "--config.eval.adaptive_defenses=pixel",
+                 f"--config.eval.transfer_workdirs=('{other}',)", "--config.eval.num_examples=20")
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("pixel", "hgd"):
+    assert os.listdir(copy / "checkpoints" / f"denoiser_{name}"), name
+    assert f"[train_{name}_denoiser] step" in result.stdout
+  report = json.loads((copy / "report.json").read_text())
+  cells = {(r["model"], r["attack"], r["threat_model"], r["defense"]) for r in report["results"]}
+  expected = set()
+  for model in ("vgg_tiny", "vgg_tiny@other"):
+    expected |= {(model, a, "unseen", d) for a in ("none", "pgd") for d in defenses}
+    expected |= {(model, "pgd", "white_box", "pixel")}
+  assert cells == expected
+  accuracy = {(r["model"], r["attack"], r["defense"]): r["accuracy"] for r in report["results"]}
+  assert accuracy[("vgg_tiny@other", "none", "none")] != accuracy[("vgg_tiny", "none", "none")]
+  names = ("accuracy_vs_eps.png", "cam_grid.png", "training_curves.png")
+  markdown = (copy / "report.md").read_text()
+  assert "| model | attack |" in markdown
+  for name in names[1:]:  # one budget per attack: no accuracy-vs-eps curve
+    assert (copy / "figures" / name).stat().st_size > 1000, name
+  assert not (copy / "figures" / names[0]).exists()
+  for name in names[1:]:
+    os.remove(copy / "figures" / name)
+  os.remove(copy / "report.md")
+  rebuilt = _main(copy, "--config.stages=report")
+  assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+  assert "rebuilt" in rebuilt.stdout and "[evaluate]" not in rebuilt.stdout
+  assert (copy / "report.md").read_text() == markdown
+  for name in names[1:]:
+    assert (copy / "figures" / name).stat().st_size > 1000, name
+
+
+def test_report_stage_without_a_report_fails_cleanly(tmp_path):
+  result = _main(tmp_path / "empty", "--config.stages=report")
+  assert result.returncode == 2
+  assert result.stderr.strip().startswith("error: ") and "run the evaluate stage" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
 def _classifier_leaves(workdir):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from cafd_jax import pipeline  # pylint: disable=g-import-not-at-top

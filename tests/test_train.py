@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cafd_jax import attacks, data, factory
 from cafd_jax.train import common
@@ -44,3 +45,34 @@ def test_piecewise_schedule_decays_at_epoch_boundaries():
                                        decay_factor=0.2)
   np.testing.assert_allclose([schedule(0), schedule(19), schedule(20), schedule(30)],
                              [0.1, 0.1, 0.02, 0.004], rtol=1e-6)
+
+
+def test_baseline_losses_are_pixel_mse_and_logit_l1(trained_tiny):
+  model, variables, test_set, _ = trained_tiny
+  x = jnp.asarray(test_set.images[:8])
+  shifted = jnp.clip(x + 0.05 * jnp.sign(jnp.sin(jnp.arange(x.size))).reshape(x.shape), 0, 1)
+  pixel = denoiser_train.baseline_loss(model, variables, "pixel", shifted, x)
+  np.testing.assert_allclose(pixel, np.mean((np.asarray(shifted) - np.asarray(x)) ** 2), rtol=1e-5)
+  hgd = denoiser_train.baseline_loss(model, variables, "hgd", shifted, x)
+  logits = lambda images: np.asarray(model.apply(variables, images))
+  np.testing.assert_allclose(hgd, np.mean(np.abs(logits(shifted) - logits(x))), rtol=1e-5)
+  for name in denoiser_train.BASELINES:
+    assert float(denoiser_train.baseline_loss(model, variables, name, x, x)) == 0.0
+
+
+@pytest.mark.parametrize("name", denoiser_train.BASELINES)
+def test_baseline_denoiser_step_reduces_its_loss(trained_tiny, tiny_config, name):
+  model, variables, test_set, _ = trained_tiny
+  x_natural = jnp.asarray(test_set.images[:50])
+  labels = jnp.asarray(test_set.labels[:50])
+  noise = jax.random.uniform(jax.random.key(0), x_natural.shape, minval=-0.15, maxval=0.15)
+  x_adv = jnp.clip(x_natural + noise, 0, 1)  # strong noise: learnable within a few steps
+  tiny_config.denoiser.learning_rate = 3e-3
+  state = factory.baseline_denoiser_state(tiny_config, jax.random.key(1), steps_per_epoch=10)
+  step = denoiser_train.make_baseline_train_step(model, name)
+  history = []
+  for _ in range(25):
+    state, metrics = step(state, variables, x_adv, x_natural, labels)
+    history.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(history))
+  assert np.mean(history[-5:]) < 0.8 * np.mean(history[:3]), history

@@ -1,7 +1,12 @@
-"""CAFD denoiser training: CAF distance to the natural image plus a relativistic GAN term.
+"""Denoiser training: CAFD and the two baselines it is compared with, on the same U-Net.
 
-The state is a pair (denoiser TrainState, discriminator TrainState); the target classifier
-is frozen (BatchNorm in inference mode) and only supplies class activation features.
+* CAFD: CAF distance to the natural image plus a relativistic GAN term. The state is a pair
+  (denoiser TrainState, discriminator TrainState).
+* ``pixel``: mean squared error to the natural image (a plain denoising auto-encoder target).
+* ``hgd``: high-level representation guided denoiser (Liao et al. 2018, LGD variant): mean
+  absolute difference between the classifier's logits on the denoised and the natural image.
+
+The target classifier is frozen (BatchNorm in inference mode) throughout.
 """
 
 from typing import Callable
@@ -60,6 +65,42 @@ def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
     pixel_mse = jnp.mean((denoised - x_natural) ** 2)
     return new_states, {"loss": total, "caf_loss": caf_loss, "gan_loss": gan_loss,
                         "disc_loss": disc_loss, "pixel_mse": pixel_mse}
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+BASELINES = ("pixel", "hgd")
+
+
+def baseline_loss(classifier: nn.Module, classifier_variables: dict, name: str,
+                  denoised: jnp.ndarray, x_natural: jnp.ndarray) -> jnp.ndarray:
+  """The scalar training loss of a baseline denoiser (see module docstring)."""
+  if name == "pixel":
+    return jnp.mean(losses.per_example_mse(denoised, x_natural))
+  if name == "hgd":
+    logits = lambda images: classifier.apply(classifier_variables, images)
+    target = jax.lax.stop_gradient(logits(x_natural))
+    return jnp.mean(jnp.abs(logits(denoised) - target))
+  raise ValueError(f"unknown baseline denoiser {name!r}; choose from {BASELINES}")
+
+
+def make_baseline_train_step(classifier: nn.Module, name: str) -> Callable:
+  """A jitted ``step(state, classifier_variables, x_adv, x_natural, labels)`` for a baseline."""
+
+  def step(state: common.TrainState, classifier_variables: dict, x_adv: jnp.ndarray,
+           x_natural: jnp.ndarray, labels: jnp.ndarray) -> tuple[common.TrainState, dict]:
+    del labels  # the baselines need no class
+
+    def loss_fn(params):
+      denoised, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                         x_adv, train=True, mutable=["batch_stats"])
+      loss = baseline_loss(classifier, classifier_variables, name, denoised, x_natural)
+      return loss, (denoised, updates["batch_stats"])
+
+    (loss, (denoised, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    pixel_mse = jnp.mean((jax.lax.stop_gradient(denoised) - x_natural) ** 2)
+    return (state.apply_gradients(grads=grads, batch_stats=batch_stats),
+            {"loss": loss, "pixel_mse": pixel_mse})
 
   return jax.jit(step, donate_argnums=(0,))
 
