@@ -263,19 +263,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   io_utils.write_json(os.path.join(workdir, CLASSES_FILE), list(class_names))
   print(f"[pipeline] stages {','.join(stages)}  devices {jax.devices()}  workdir {workdir}",
         flush=True)
+  stage_seconds = {}
+
+  def timed(stage: str, function, *args):
+    stage_start = time.perf_counter()
+    value = function(*args)
+    stage_seconds[stage] = round(time.perf_counter() - stage_start, 1)
+    print(f"[pipeline] {stage} took {stage_seconds[stage]:.1f}s", flush=True)
+    return value
+
   if "train_classifier" in stages:
-    train_classifier(config, workdir, train_set, test_set)
+    timed("train_classifier", train_classifier, config, workdir, train_set, test_set)
   denoiser_set = train_set.take(_count(config.craft.num_examples)) if train_set else None
   if "craft" in stages:
-    craft(config, workdir, denoiser_set)
+    timed("craft", craft, config, workdir, denoiser_set)
   if "train_denoiser" in stages:
-    train_denoiser(config, workdir, denoiser_set)
+    timed("train_denoiser", train_denoiser, config, workdir, denoiser_set)
   if "train_baselines" in stages:
-    train_baselines(config, workdir, denoiser_set)
+    timed("train_baselines", train_baselines, config, workdir, denoiser_set)
   if "evaluate" in stages:
     eval_set = test_set.take(_count(config.eval.num_examples))
-    results = run_evaluation(config, workdir, eval_set)
+    results = timed("evaluate", run_evaluation, config, workdir, eval_set)
     run_info = report.metadata(config.seed, time.perf_counter() - started)
+    run_info["stage_seconds"] = stage_seconds  # the stages of this invocation
     report.write(workdir, config.to_dict(), results,
                  {"wall_time_s": run_info["wall_time_s"], "metadata": run_info})
     print(f"[pipeline] report written to {os.path.join(workdir, 'report.md')}", flush=True)

@@ -6,14 +6,26 @@ import pytest
 
 from cafd_jax import config_checks
 
-CONFIG_NAMES = ["quickstart", "tiny", "cifar10_vgg19", "cifar10_resnet50", "cifar10_wrn28_10",
-                "svhn_vgg19"]
+CONFIG_NAMES = ["quickstart", "tiny", "cifar10_cpu", "cifar10_vgg19", "cifar10_resnet50",
+                "cifar10_wrn28_10", "svhn_vgg19"]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_shipped_configs_validate(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   config_checks.validate(config)
+
+
+def test_cifar10_cpu_config_covers_what_the_real_run_must_show():
+  from conftest import ROOT, SHARED_CIFAR10  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module("configs.cifar10_cpu").get_config()
+  kind, path = config.data.source.split(":", 1)
+  assert kind == "folder" and (ROOT / path).resolve() == SHARED_CIFAR10.resolve()
+  assert config.eval.num_examples >= 1000
+  attacks = config_checks.split_names(config.eval.attacks)
+  assert {"pgd", "cw", "ddn", "autoattack"} <= set(attacks)
+  assert {"unseen", "white_box"} <= set(config_checks.split_names(config.eval.threat_models))
+  assert {"none", "cafd", "pixel", "hgd"} <= set(config_checks.split_names(config.eval.defenses))
 
 
 def test_reference_hyper_parameters():

@@ -39,7 +39,9 @@ def test_report_schema_and_table(finished_run):
   for row in report["results"]:
     assert set(row) >= {"attack", "defense", "threat_model", "model", "eps", "accuracy", "n"}
     assert 0.0 <= row["accuracy"] <= 1.0 and row["n"] == 100
-  assert {"jax", "flax", "devices", "seed", "wall_time_s"} <= set(report["metadata"])
+  assert {"jax", "flax", "devices", "seed", "wall_time_s", "stage_seconds"} <= set(report["metadata"])
+  assert set(report["metadata"]["stage_seconds"]) == {
+      "train_classifier", "craft", "train_denoiser", "train_baselines", "evaluate"}
   assert isinstance(report["integrity"], list)
   table = (workdir / "report.md").read_text()
   assert "| attack | eps | threat model | none | cafd |" in table

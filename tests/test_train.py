@@ -10,6 +10,16 @@ from cafd_jax.train import common
 from cafd_jax.train import denoiser as denoiser_train
 
 
+def _loss_history(step, state, arrays, metric, num_steps=25):
+  """``metric`` after each of ``num_steps`` calls of ``step(state, *arrays)``."""
+  history = []
+  for _ in range(num_steps):
+    state, metrics = step(state, *arrays)
+    history.append(float(metrics[metric]))
+  assert np.all(np.isfinite(history))
+  return history
+
+
 def test_denoiser_loss_decreases(trained_tiny, tiny_config):
   model, variables, test_set, _ = trained_tiny
   x_natural = jnp.asarray(test_set.images[:50])
@@ -20,11 +30,7 @@ def test_denoiser_loss_decreases(trained_tiny, tiny_config):
   states = factory.denoiser_states(tiny_config, jax.random.key(1), steps_per_epoch=10)
   step = denoiser_train.make_train_step(model, caf_kind="weighted_features",
                                         class_source="prediction", caf_weight=1e3, gan_weight=5e-3)
-  history = []
-  for _ in range(25):
-    states, metrics = step(states, variables, x_adv, x_natural, labels)
-    history.append(float(metrics["caf_loss"]))
-  assert np.all(np.isfinite(history))
+  history = _loss_history(step, states, (variables, x_adv, x_natural, labels), "caf_loss")
   assert np.mean(history[-5:]) < 0.7 * np.mean(history[:3]), history
 
 
@@ -70,9 +76,5 @@ def test_baseline_denoiser_step_reduces_its_loss(trained_tiny, tiny_config, name
   tiny_config.denoiser.learning_rate = 3e-3
   state = factory.baseline_denoiser_state(tiny_config, jax.random.key(1), steps_per_epoch=10)
   step = denoiser_train.make_baseline_train_step(model, name)
-  history = []
-  for _ in range(25):
-    state, metrics = step(state, variables, x_adv, x_natural, labels)
-    history.append(float(metrics["loss"]))
-  assert np.all(np.isfinite(history))
+  history = _loss_history(step, state, (variables, x_adv, x_natural, labels), "loss")
   assert np.mean(history[-5:]) < 0.8 * np.mean(history[:3]), history
