@@ -215,6 +215,7 @@ def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
   """The evaluation grid for this run's classifier and every transfer target; also writes the
   arrays of the CAM picture."""
   defense_names = config_checks.split_names(config.eval.defenses)
+  own_classifier = restore_classifier(config, workdir, test_set.num_classes)  # the first stage
   denoisers, denoiser_variables = {}, {}
   for name in evaluate.DENOISERS:
     if name in defense_names:
@@ -224,8 +225,9 @@ def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
   results = []
   for index, (target, target_dir) in enumerate([(config, workdir)] + _transfer_targets(config)):
     classifier = factory.classifier(target, test_set.num_classes)
-    variables = {"classifier": restore_classifier(target, target_dir, test_set.num_classes),
-                 **denoiser_variables}
+    classifier_variables = (restore_classifier(target, target_dir, test_set.num_classes)
+                            if index else own_classifier)
+    variables = {"classifier": classifier_variables, **denoiser_variables}
     label = None
     if index:
       label = f"{target.model.name}@{os.path.basename(os.path.normpath(target_dir))}"
