@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cafd_jax import io_utils
+
 ACCURACY_VS_EPS = "accuracy_vs_eps.png"
 CAM_GRID = "cam_grid.png"
 TRAINING_CURVES = "training_curves.png"
@@ -29,9 +31,8 @@ def _pyplot():
 
 def _save(figure, path: str) -> None:
   """Writes a PNG atomically (never a half-written file)."""
-  temporary = path + ".tmp.png"
-  figure.savefig(temporary, dpi=110, bbox_inches="tight")
-  os.replace(temporary, path)
+  io_utils.write_atomically(
+      path, lambda file: figure.savefig(file, format="png", dpi=110, bbox_inches="tight"))
   _pyplot().close(figure)
 
 

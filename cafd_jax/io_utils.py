@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 
-def _atomic(path: str, write) -> None:
+def write_atomically(path: str, write) -> None:
+  """Calls ``write(binary file)`` on a temporary file, then renames it to ``path``."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -24,7 +25,7 @@ def _atomic(path: str, write) -> None:
 
 def write_text(path: str, text: str) -> None:
   """Writes ``text`` to ``path`` atomically (temporary file + rename)."""
-  _atomic(path, lambda file: file.write(text.encode("utf-8")))
+  write_atomically(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def write_json(path: str, value: Any) -> None:
@@ -34,9 +35,9 @@ def write_json(path: str, value: Any) -> None:
 
 def write_npy(path: str, array: np.ndarray) -> None:
   """Writes one array in .npy format atomically."""
-  _atomic(path, lambda file: np.save(file, array, allow_pickle=False))
+  write_atomically(path, lambda file: np.save(file, array, allow_pickle=False))
 
 
 def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
   """Writes named arrays in .npz format atomically."""
-  _atomic(path, lambda file: np.savez_compressed(file, **arrays))
+  write_atomically(path, lambda file: np.savez_compressed(file, **arrays))
