@@ -87,6 +87,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(all(isinstance(path, str) and path
                for path in config.eval.get("transfer_workdirs", ())),
            "config.eval.transfer_workdirs must be a tuple of workdir paths.")
+  if split_names(config.eval.get("sweep_threat_models", "")):
+    _check_names("config.eval.sweep_threat_models", config.eval.sweep_threat_models,
+                 evaluate.THREAT_MODELS)
   if config.eval.sweep_eps and config.eval.sweep_attack not in evaluate.ATTACKS[2:]:
     raise ConfigError(f"config.eval.sweep_attack={config.eval.sweep_attack!r} must name a "
                       f"registered attack with an eps budget, e.g. 'pgd'")

@@ -161,20 +161,22 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
   ``denoisers`` maps each learned defense in ``defense_names`` (``cafd``, ``pixel``, ``hgd``) to
   its module; ``variables`` is ``{"classifier": ..., <denoiser name>: ...}``.
   ``config.eval.sweep_eps`` adds rows for ``config.eval.sweep_attack`` at each listed budget
-  (accuracy-vs-eps curves). Rows name the model ``model_label`` (default: config.model.name).
+  (accuracy-vs-eps curves), under ``config.eval.sweep_threat_models`` (empty: all of
+  ``threat_models``). Rows name the model ``model_label`` (default: config.model.name).
   """
   preprocess = preprocessors(defense_names, denoisers, config)
   predictors = defense_predictors(classifier, preprocess)
-  runs = [(name, attack_params(name, config)) for name in attack_names]
+  runs = [(name, attack_params(name, config), threat_models) for name in attack_names]
   sweep = config.eval.get("sweep_attack", "")
+  sweep_threats = sweep_threat_models(threat_models, config.eval.get("sweep_threat_models", ""))
   for eps in config.eval.get("sweep_eps", ()):
-    runs.append((sweep, dict(attack_params(sweep, config), eps=float(eps))))
+    runs.append((sweep, dict(attack_params(sweep, config), eps=float(eps)), sweep_threats))
   model_name = model_label or config.model.name
   adaptive = adaptive_targets(defense_names, config.eval.get("adaptive_defenses", ""))
   results = []
-  for run_index, (name, params) in enumerate(runs):
+  for run_index, (name, params, run_threats) in enumerate(runs):
     eps = attack_budget(name, params)
-    for threat in threat_models:
+    for threat in run_threats:
       if threat != "unseen" and name in ("none", "caf"):
         continue
       targets = [None] if threat == "unseen" else adaptive
@@ -197,6 +199,13 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
           log(f"[evaluate] {threat:>9}  attack {name:>10}{eps_text}  defense {defense_name:>9}"
               f"  accuracy {accuracy:.4f}  (n={len(dataset)})")
   return results
+
+
+def sweep_threat_models(threat_models: Sequence[str], chosen: str) -> list[str]:
+  """The threat models of the eps sweep: those named in ``chosen`` (comma-separated; empty means
+  every one) among ``threat_models``."""
+  names = [name.strip() for name in chosen.split(",") if name.strip()]
+  return [name for name in threat_models if not names or name in names]
 
 
 def adaptive_targets(defense_names: Sequence[str], adaptive_defenses: str) -> list[str]:

@@ -80,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Accuracy-vs-eps curve: sweep_attack re-run at each budget in sweep_eps (empty: none).
   config.eval.sweep_attack = "pgd"
   config.eval.sweep_eps = ()
+  config.eval.sweep_threat_models = ""  # those of threat_models the sweep uses; empty: all
   config.eval.figure_attack = "pgd"  # the adversarial column of figures/cam_grid.png
   # Workdirs of other runs on the same data whose classifiers are also attacked behind this
   # run's defenses (transfer: a denoiser trained against one model, used before another).

@@ -8,7 +8,8 @@ losses and attacks are the reference ones; what is shortened to fit the CPU budg
 - baselines: the pixel-loss and HGD denoisers get CAFD's data, U-Net and schedule;
 - evaluation: 1,000 test images; CW-L2 (30 steps, one constant) and DDN (30 steps) shortened;
   AutoAttack is the reduced "fast" version (APGD-CE then APGD-T, 25 steps, 3 target classes),
-  not the standard one; white-box attacks target the CAFD denoiser only (``adaptive_defenses``).
+  not the standard one; white-box attacks target the CAFD denoiser only (``adaptive_defenses``);
+  the accuracy-vs-eps sweep (2, 4, 16 /255) is unseen only (``sweep_threat_models``).
 """
 
 from configs import base
@@ -37,9 +38,9 @@ def get_config():
 
   config.denoiser.width = 0.25
   config.denoiser.discriminator_width = 0.25
-  config.denoiser.num_epochs = 4
+  config.denoiser.num_epochs = 3
   config.denoiser.batch_size = 100
-  config.denoiser.lr_decay_epochs = (2, 3)
+  config.denoiser.lr_decay_epochs = (2,)
 
   config.eval.num_examples = 1000
   config.eval.batch_size = 500
@@ -48,6 +49,7 @@ def get_config():
   config.eval.threat_models = "unseen,white_box"
   config.eval.adaptive_defenses = "cafd"
   config.eval.sweep_eps = (2 / 255, 4 / 255, 16 / 255)
+  config.eval.sweep_threat_models = "unseen"
   config.eval.caf.update(dict(steps=20, step_size=2 / 255))
   config.eval.cw.update(dict(steps=30, binary_search_steps=1))
   config.eval.ddn.steps = 30

@@ -26,6 +26,8 @@ def test_cifar10_cpu_config_covers_what_the_real_run_must_show():
   assert {"pgd", "cw", "ddn", "autoattack"} <= set(attacks)
   assert {"unseen", "white_box"} <= set(config_checks.split_names(config.eval.threat_models))
   assert {"none", "cafd", "pixel", "hgd"} <= set(config_checks.split_names(config.eval.defenses))
+  assert len(config.eval.sweep_eps) >= 2  # an accuracy-vs-eps curve
+  config_checks.validate(config)
 
 
 def test_reference_hyper_parameters():
@@ -58,6 +60,7 @@ def test_reference_hyper_parameters():
     ("eval.attacks", "pgd,jsma", "config.eval.attacks"),
     ("eval.defenses", "randomized_smoothing", "config.eval.defenses"),
     ("eval.threat_models", "unseen,black_box", "config.eval.threat_models"),
+    ("eval.sweep_threat_models", "unseen,grey_box", "config.eval.sweep_threat_models"),
     ("data.num_train", -5, "config.data.num_train"),
 ])
 def test_bad_values_raise_one_clear_line(tiny_config, field, value, needle):
