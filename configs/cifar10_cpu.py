@@ -6,8 +6,8 @@ losses and attacks are the reference ones; what is shortened to fit the CPU budg
 - crafting: CAF-PGD with 10 steps of 2/255 (not 100 of 0.01) on 10,000 training images;
 - denoisers: U-Net at a quarter width, a few epochs on those 10,000 pairs;
 - baselines: the pixel-loss and HGD denoisers get CAFD's data, U-Net and schedule;
-- evaluation: 1,000 test images; CW-L2 (30 steps, one constant) and DDN (30 steps) shortened;
-  AutoAttack is the reduced "fast" version (APGD-CE then APGD-T, 25 steps, 3 target classes),
+- evaluation: 1,000 test images; CW-L2 (20 steps, one constant) and DDN (20 steps) shortened;
+  AutoAttack is the reduced "fast" version (APGD-CE then APGD-T, 20 steps, 3 target classes),
   not the standard one; white-box attacks target the CAFD denoiser only (``adaptive_defenses``);
   the accuracy-vs-eps sweep (2, 4, 16 /255) is unseen only (``sweep_threat_models``).
 """
@@ -51,7 +51,7 @@ def get_config():
   config.eval.sweep_eps = (2 / 255, 4 / 255, 16 / 255)
   config.eval.sweep_threat_models = "unseen"
   config.eval.caf.update(dict(steps=20, step_size=2 / 255))
-  config.eval.cw.update(dict(steps=30, binary_search_steps=1))
-  config.eval.ddn.steps = 30
-  config.eval.autoattack.update(dict(version="fast", steps=25, n_target_classes=3))
+  config.eval.cw.update(dict(steps=20, binary_search_steps=1))
+  config.eval.ddn.steps = 20
+  config.eval.autoattack.update(dict(version="fast", steps=20, n_target_classes=3))
   return config
