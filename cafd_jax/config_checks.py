@@ -73,6 +73,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _non_negative("attack step_size", section.step_size)
     _require(isinstance(section.steps, int) and section.steps >= 0, "attack steps must be an int >= 0.")
   _positive("config.craft.batch_size", config.craft.batch_size)
+  _require(config.get("compute_dtype", "float32") in ("float32", "bfloat16"),
+           "config.compute_dtype must be float32 or bfloat16.")
+  steps = config.classifier.get("accumulation_steps", 1)
+  _require(isinstance(steps, int) and steps >= 1 and config.classifier.batch_size % steps == 0,
+           "config.classifier.accumulation_steps must be an int >= 1 that divides "
+           "config.classifier.batch_size.")
+  _require(config.parallel.prefetch_batches >= 0, "config.parallel.prefetch_batches must be >= 0.")
   _positive("config.eval.batch_size", config.eval.batch_size)
   _non_negative("config.denoiser.caf_weight", config.denoiser.caf_weight)
   _non_negative("config.denoiser.gan_weight", config.denoiser.gan_weight)

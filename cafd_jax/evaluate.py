@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from jax.sharding import Mesh
 
-from cafd_jax import attacks, data, defenses
+from cafd_jax import attacks, data, defenses, parallel
 from cafd_jax.attacks import registry, wrappers
 from cafd_jax.train import denoiser as denoiser_train
 
@@ -86,15 +87,20 @@ def attacked_logits(classifier: nn.Module, variables: dict, threat_model: str,
   return lambda x: classify(purify(x))
 
 
-def caf_attack(config: ml_collections.ConfigDict, classifier: nn.Module, params: dict) -> Callable:
-  """A jitted ``attack(classifier_variables, x, y, key)``: the CAF attack with ``params``."""
+_ATTACK_BATCH_ARGS = (False, True, True, False)  # (variables, x, y, key): x and y split
+
+
+def caf_attack(config: ml_collections.ConfigDict, classifier: nn.Module, params: dict,
+               mesh: Mesh | None = None) -> Callable:
+  """A jitted ``attack(classifier_variables, x, y, key)``: the CAF attack with ``params``; with a
+  ``mesh``, batches split over its devices."""
 
   def attack(variables, x, y, key):
     caf_fn = denoiser_train.classifier_caf_fn(classifier, variables, config.caf.attack_kind,
                                               config.caf.class_source)
     return attacks.caf_attack(caf_fn, x, y, key, **params)
 
-  return jax.jit(attack)
+  return parallel.jit_batched(attack, mesh, _ATTACK_BATCH_ARGS)
 
 
 def attack_params(name: str, config: ml_collections.ConfigDict) -> dict:
@@ -115,10 +121,11 @@ def attack_budget(name: str, params: dict) -> float | None:
 def build_attack(name: str, config: ml_collections.ConfigDict, classifier: nn.Module,
                  threat_model: str = "unseen", defense: str = "none",
                  preprocess: Preprocess | None = None,
-                 params: dict | None = None) -> Callable:
+                 params: dict | None = None, mesh: Mesh | None = None) -> Callable:
   """A jitted ``attack(variables, x, y, key) -> x_adv``; ``variables`` as in evaluate().
 
-  Parameters from ``params``, else ``config.eval.<name>``, else the attack's defaults.
+  Parameters from ``params``, else ``config.eval.<name>``, else the attack's defaults. With a
+  ``mesh``, batches are split over its devices.
   """
   params = attack_params(name, config) if params is None else params
   if name == "none":
@@ -126,7 +133,7 @@ def build_attack(name: str, config: ml_collections.ConfigDict, classifier: nn.Mo
   if name == "caf":
     if threat_model != "unseen":
       raise ValueError("the CAF attack is evaluated under the unseen threat model only")
-    caf = caf_attack(config, classifier, params)
+    caf = caf_attack(config, classifier, params, mesh)
     return lambda variables, x, y, key: caf(variables["classifier"], x, y, key)
   if name in registry.ATTACKS:
     attack = registry.get(name)
@@ -135,28 +142,38 @@ def build_attack(name: str, config: ml_collections.ConfigDict, classifier: nn.Mo
       target = attacked_logits(classifier, variables, threat_model, preprocess, defense)
       return attack(target, x, y, key, **params)
 
-    return jax.jit(run)
+    return parallel.jit_batched(run, mesh, _ATTACK_BATCH_ARGS)
   raise ValueError(f"eval.attacks: unknown attack {name!r}; choose from {ATTACKS}.")
 
 
 def _accuracies(attack: Callable, predictors: dict[str, Callable], dataset: data.Dataset,
-                variables: dict, batch_size: int, key: jax.Array) -> dict[str, float]:
-  """Accuracy of each predictor on the attack's examples, batch by batch."""
-  correct = {name: 0 for name in predictors}
+                variables: dict, batch_size: int, key: jax.Array,
+                mesh: Mesh) -> dict[str, float]:
+  """Accuracy of each predictor on the attack's examples, batch by batch; processes take the
+  batches round-robin, each splitting its batches over its own devices (``mesh``)."""
+  correct = np.zeros(len(predictors), np.int64)
   for batch_index, start in enumerate(range(0, len(dataset), batch_size)):
-    x = jnp.asarray(dataset.images[start:start + batch_size])
-    y = jnp.asarray(dataset.labels[start:start + batch_size])
+    if not parallel.owns(batch_index):
+      continue
+    (x, y), count = parallel.pad_batch((dataset.images[start:start + batch_size],
+                                        dataset.labels[start:start + batch_size]), mesh.size)
+    x, y = (jax.device_put(array, parallel.batch_sharding(mesh)) for array in (x, y))
     x_adv = attack(variables, x, y, jax.random.fold_in(key, batch_index))
-    for name, predict in predictors.items():
-      correct[name] += int(jnp.sum(predict(variables, x_adv) == y))
-  return {name: count / len(dataset) for name, count in correct.items()}
+    for index, predict in enumerate(predictors.values()):
+      correct[index] += int(jnp.sum(predict(variables, x_adv)[:count] == y[:count]))
+  correct = parallel.sum_over_processes(correct)
+  return {name: int(count) / len(dataset) for name, count in zip(predictors, correct)}
 
 
 def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifier: nn.Module,
              denoisers: dict[str, nn.Module], variables: dict, defense_names: Sequence[str],
              attack_names: Sequence[str], threat_models: Sequence[str], key: jax.Array,
-             log: Callable[[str], None] = print, model_label: str | None = None) -> list[dict]:
+             log: Callable[[str], None] = print, model_label: str | None = None,
+             mesh: Mesh | None = None) -> list[dict]:
   """One row per (attack, eps, threat model, defense) with its accuracy.
+
+  Batches are split over ``mesh`` (default: this process's devices, ``parallel.local_mesh``);
+  several processes share the batches and sum their counts.
 
   ``denoisers`` maps each learned defense in ``defense_names`` (``cafd``, ``pixel``, ``hgd``) to
   its module; ``variables`` is ``{"classifier": ..., <denoiser name>: ...}``.
@@ -164,6 +181,8 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
   (accuracy-vs-eps curves), under ``config.eval.sweep_threat_models`` (empty: all of
   ``threat_models``). Rows name the model ``model_label`` (default: config.model.name).
   """
+  mesh = mesh or parallel.local_mesh()
+  variables = parallel.replicate(variables, mesh)
   preprocess = preprocessors(defense_names, denoisers, config)
   predictors = defense_predictors(classifier, preprocess)
   runs = [(name, attack_params(name, config), threat_models) for name in attack_names]
@@ -182,13 +201,13 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
       targets = [None] if threat == "unseen" else adaptive
       for defense in targets:
         attack = build_attack(name, config, classifier, threat, defense or "none",
-                              preprocess.get(defense), params)
+                              preprocess.get(defense), params, mesh)
         judged = predictors if defense is None else {defense: predictors[defense]}
         run_key = jax.random.fold_in(key, run_index)
         if threat != "unseen":  # unseen keeps the keys of earlier, unseen-only reports
           run_key = jax.random.fold_in(run_key, THREAT_MODELS.index(threat))
         accuracies = _accuracies(attack, judged, dataset, variables, config.eval.batch_size,
-                                 run_key)
+                                 run_key, mesh)
         for defense_name, accuracy in accuracies.items():
           row = {"attack": name, "defense": defense_name, "threat_model": threat,
                  "model": model_name, "eps": eps, "accuracy": accuracy, "n": len(dataset)}
@@ -196,8 +215,9 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
             row["gradient"] = "bpda"
           results.append(row)
           eps_text = "" if eps is None else f"  eps {eps:.4g}"
-          log(f"[evaluate] {threat:>9}  attack {name:>10}{eps_text}  defense {defense_name:>9}"
-              f"  accuracy {accuracy:.4f}  (n={len(dataset)})")
+          if parallel.is_primary():
+            log(f"[evaluate] {threat:>9}  attack {name:>10}{eps_text}  defense {defense_name:>9}"
+                f"  accuracy {accuracy:.4f}  (n={len(dataset)})")
   return results
 
 

@@ -9,15 +9,23 @@ from cafd_jax import models
 from cafd_jax.train import common
 
 
-def classifier(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+def training_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  """The compute dtype of the train steps (``config.compute_dtype``); crafting, attacks and
+  evaluation always compute in float32, so that low precision cannot mask gradients."""
+  return jnp.dtype(config.get("compute_dtype", "float32"))
+
+
+def classifier(config: ml_collections.ConfigDict, num_classes: int,
+               dtype: jnp.dtype = jnp.float32) -> nn.Module:
   model = config.model
   return models.create_classifier(model.name, num_classes=num_classes, width=model.width,
                                   mean=model.mean, std=model.std, depth=model.depth,
-                                  widen_factor=model.widen_factor)
+                                  widen_factor=model.widen_factor, dtype=dtype)
 
 
-def denoiser(config: ml_collections.ConfigDict) -> models.UNetDenoiser:
-  return models.UNetDenoiser(width=config.denoiser.width)
+def denoiser(config: ml_collections.ConfigDict,
+             dtype: jnp.dtype = jnp.float32) -> models.UNetDenoiser:
+  return models.UNetDenoiser(width=config.denoiser.width, dtype=dtype)
 
 
 def discriminator(config: ml_collections.ConfigDict) -> models.Discriminator:
@@ -30,14 +38,15 @@ def _sample(config: ml_collections.ConfigDict) -> jnp.ndarray:
 
 
 def classifier_state(config: ml_collections.ConfigDict, num_classes: int, key: jax.Array,
-                     steps_per_epoch: int) -> common.TrainState:
-  """Fresh classifier TrainState with the config's optimiser and schedule."""
+                     steps_per_epoch: int, dtype: jnp.dtype = jnp.float32) -> common.TrainState:
+  """Fresh classifier TrainState with the config's optimiser and schedule (float32 parameters;
+  ``dtype`` is the compute dtype of its ``apply_fn``)."""
   train = config.classifier
   schedule = common.piecewise_schedule(train.learning_rate, steps_per_epoch,
                                        train.lr_decay_epochs, train.lr_decay_factor)
   tx = common.make_optimizer(train.optimizer, schedule, weight_decay=train.weight_decay,
                              momentum=train.momentum, nesterov=train.nesterov)
-  return common.create_state(classifier(config, num_classes), key, _sample(config), tx)
+  return common.create_state(classifier(config, num_classes, dtype), key, _sample(config), tx)
 
 
 def _denoiser_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -48,16 +57,18 @@ def _denoiser_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int)
 
 
 def baseline_denoiser_state(config: ml_collections.ConfigDict, key: jax.Array,
-                            steps_per_epoch: int) -> common.TrainState:
+                            steps_per_epoch: int, dtype: jnp.dtype = jnp.float32
+                            ) -> common.TrainState:
   """Fresh TrainState of a baseline denoiser: CAFD's U-Net, optimiser and schedule."""
-  return common.create_state(denoiser(config), key, _sample(config),
+  return common.create_state(denoiser(config, dtype), key, _sample(config),
                              _denoiser_optimizer(config, steps_per_epoch))
 
 
-def denoiser_states(config: ml_collections.ConfigDict, key: jax.Array,
-                    steps_per_epoch: int) -> tuple[common.TrainState, common.TrainState]:
+def denoiser_states(config: ml_collections.ConfigDict, key: jax.Array, steps_per_epoch: int,
+                    dtype: jnp.dtype = jnp.float32
+                    ) -> tuple[common.TrainState, common.TrainState]:
   """Fresh (denoiser, discriminator) TrainStates, both Adam with the denoiser's schedule."""
   denoiser_key, disc_key = jax.random.split(key)
   make_tx = lambda: _denoiser_optimizer(config, steps_per_epoch)
-  return (common.create_state(denoiser(config), denoiser_key, _sample(config), make_tx()),
+  return (common.create_state(denoiser(config, dtype), denoiser_key, _sample(config), make_tx()),
           common.create_state(discriminator(config), disc_key, _sample(config), make_tx()))

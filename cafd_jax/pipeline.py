@@ -14,12 +14,11 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from cafd_jax import (checkpoint, config_checks, data, evaluate, factory, figures, io_utils,
-                      report)
+                      parallel, report)
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import common
 from cafd_jax.train import denoiser as denoiser_train
@@ -82,21 +81,31 @@ def restore_denoiser(config: ml_collections.ConfigDict, workdir: str, name: str 
   return common.variables_of(state)
 
 
-def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset) -> None:
+def _fit_options(config: ml_collections.ConfigDict, mesh) -> dict:
+  """The keyword arguments of ``loop.fit`` that every training stage shares."""
+  return dict(seed=config.seed, log_every_steps=config.log_every_steps, mesh=mesh,
+              fsdp=config.parallel.fsdp, prefetch_batches=config.parallel.prefetch_batches)
+
+
+def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset,
+                     mesh) -> None:
   train = config.classifier
   state = factory.classifier_state(config, train_set.num_classes, _stage_key(config, "train_classifier"),
-                                   _steps_per_epoch(len(train_set), train.batch_size))
+                                   _steps_per_epoch(len(train_set), train.batch_size),
+                                   factory.training_dtype(config))
   state = loop.fit(stage="train_classifier", state=state,
-                   step_fn=classifier_train.make_step_fn(train.augment),
+                   step_fn=classifier_train.make_step_fn(train.augment, train.accumulation_steps),
                    arrays=(train_set.images, train_set.labels), batch_size=train.batch_size,
-                   num_epochs=train.num_epochs, seed=config.seed,
-                   key=_stage_key(config, "train_classifier"),
+                   num_epochs=train.num_epochs, key=_stage_key(config, "train_classifier"),
                    checkpoint_dir=os.path.join(workdir, CLASSIFIER_DIR), workdir=workdir,
-                   log_every_steps=config.log_every_steps)
-  classify = evaluate.bind(jax.jit(state.apply_fn), common.variables_of(state))
+                   **_fit_options(config, mesh))
+  classifier = factory.classifier(config, train_set.num_classes)  # float32, as evaluation
+  classify = evaluate.bind(jax.jit(classifier.apply),
+                           parallel.to_host(common.variables_of(state)))
   predictions = classifier_train.predict(classify, test_set.images, config.eval.batch_size)
-  print(f"[train_classifier] test accuracy {np.mean(predictions == test_set.labels):.4f} "
-        f"(n={len(test_set)})", flush=True)
+  if parallel.is_primary():
+    print(f"[train_classifier] test accuracy {np.mean(predictions == test_set.labels):.4f} "
+          f"(n={len(test_set)})", flush=True)
 
 
 def _craft_settings(config) -> dict:
@@ -107,7 +116,8 @@ def _craft_settings(config) -> dict:
 
 
 def craft(config, workdir, train_set: data.Dataset) -> None:
-  """CAF adversarial examples of the denoiser's training set, saved chunk by chunk."""
+  """CAF adversarial examples of the denoiser's training set, saved chunk by chunk; processes
+  take the chunks round-robin, each splitting its chunks over its own devices."""
   directory = os.path.join(workdir, CRAFT_DIR)
   settings_path = os.path.join(directory, "settings.json")
   settings = _craft_settings(config)
@@ -118,25 +128,33 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
             f"{directory} was crafted with other settings; delete it or use another --workdir.")
   classifier = factory.classifier(config, train_set.num_classes)
   variables = restore_classifier(config, workdir, train_set.num_classes)
-  io_utils.write_json(settings_path, settings)
+  parallel.barrier("craft settings read")  # before the primary writes them
+  if parallel.is_primary():
+    io_utils.write_json(settings_path, settings)
   params = {name: config.craft[name] for name in ("eps", "step_size", "steps", "random_start")}
-  attack = evaluate.bind(evaluate.caf_attack(config, classifier, params), variables)
+  mesh = parallel.local_mesh()
+  attack = evaluate.bind(evaluate.caf_attack(config, classifier, params, mesh),
+                         parallel.replicate(variables, mesh))
   batch_size, key = config.craft.batch_size, _stage_key(config, "craft")
   num_chunks = -(-len(train_set) // batch_size)
   start_time, done_now = time.perf_counter(), 0
   for chunk in range(num_chunks):
     path = os.path.join(directory, f"chunk_{chunk:05d}.npy")
-    if os.path.exists(path):
+    if os.path.exists(path) or not parallel.owns(chunk):
       continue
-    images = train_set.images[chunk * batch_size:(chunk + 1) * batch_size]
-    labels = train_set.labels[chunk * batch_size:(chunk + 1) * batch_size]
-    x_adv = attack(jnp.asarray(images), jnp.asarray(labels), jax.random.fold_in(key, chunk))
-    io_utils.write_npy(path, np.asarray(x_adv))
-    done_now += len(images)
+    (images, labels), count = parallel.pad_batch(
+        (train_set.images[chunk * batch_size:(chunk + 1) * batch_size],
+         train_set.labels[chunk * batch_size:(chunk + 1) * batch_size]), mesh.size)
+    images, labels = (jax.device_put(array, parallel.batch_sharding(mesh))
+                      for array in (images, labels))
+    x_adv = attack(images, labels, jax.random.fold_in(key, chunk))
+    io_utils.write_npy(path, np.asarray(x_adv)[:count])
+    done_now += count
     rate = done_now / (time.perf_counter() - start_time)
     eta = (len(train_set) - (chunk + 1) * batch_size) / rate
     print(f"[craft] chunk {chunk + 1}/{num_chunks}  {rate:.0f} img/s  ETA {max(eta, 0):.0f}s",
           flush=True)
+  parallel.barrier("craft done")  # every process's chunks are written
 
 
 def load_crafted(workdir: str, num_examples: int) -> np.ndarray:
@@ -150,26 +168,26 @@ def load_crafted(workdir: str, num_examples: int) -> np.ndarray:
   return crafted
 
 
-def train_denoiser(config, workdir, train_set: data.Dataset) -> None:
+def train_denoiser(config, workdir, train_set: data.Dataset, mesh) -> None:
   x_adv = load_crafted(workdir, len(train_set))
   classifier = factory.classifier(config, train_set.num_classes)
   classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
   train = config.denoiser
   states = factory.denoiser_states(config, _stage_key(config, "train_denoiser"),
-                                   _steps_per_epoch(len(train_set), train.batch_size))
+                                   _steps_per_epoch(len(train_set), train.batch_size),
+                                   factory.training_dtype(config))
   step = denoiser_train.make_train_step(classifier, caf_kind=config.caf.loss_kind,
                                         class_source=config.caf.class_source,
                                         caf_weight=train.caf_weight, gan_weight=train.gan_weight)
-  loop.fit(stage="train_denoiser", state=states,
-           step_fn=denoiser_train.make_step_fn(step, classifier_variables),
-           arrays=(x_adv, train_set.images, train_set.labels), batch_size=train.batch_size,
-           num_epochs=train.num_epochs, seed=config.seed,
+  loop.fit(stage="train_denoiser", state=states, step_fn=denoiser_train.make_step_fn(step),
+           frozen=classifier_variables, arrays=(x_adv, train_set.images, train_set.labels),
+           batch_size=train.batch_size, num_epochs=train.num_epochs,
            key=_stage_key(config, "train_denoiser"),
            checkpoint_dir=os.path.join(workdir, DENOISER_DIR), workdir=workdir,
-           log_every_steps=config.log_every_steps)
+           **_fit_options(config, mesh))
 
 
-def train_baselines(config, workdir, train_set: data.Dataset) -> None:
+def train_baselines(config, workdir, train_set: data.Dataset, mesh) -> None:
   """Each baseline denoiser in eval.defenses, on CAFD's crafted data with CAFD's schedule."""
   names = baselines_to_train(config)
   if not names:
@@ -182,14 +200,15 @@ def train_baselines(config, workdir, train_set: data.Dataset) -> None:
   for index, name in enumerate(names):
     key = jax.random.fold_in(_stage_key(config, "train_baselines"), index)
     state = factory.baseline_denoiser_state(config, key, _steps_per_epoch(len(train_set),
-                                                                          train.batch_size))
+                                                                          train.batch_size),
+                                            factory.training_dtype(config))
     step = denoiser_train.make_baseline_train_step(classifier, name)
     loop.fit(stage=f"train_{name}_denoiser", state=state,
-             step_fn=denoiser_train.make_step_fn(step, classifier_variables),
+             step_fn=denoiser_train.make_step_fn(step), frozen=classifier_variables,
              arrays=(x_adv, train_set.images, train_set.labels), batch_size=train.batch_size,
-             num_epochs=train.num_epochs, seed=config.seed, key=key,
+             num_epochs=train.num_epochs, key=key,
              checkpoint_dir=os.path.join(workdir, baseline_dir(name)), workdir=workdir,
-             log_every_steps=config.log_every_steps)
+             **_fit_options(config, mesh))
 
 
 def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
@@ -236,7 +255,7 @@ def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
                                  config_checks.split_names(config.eval.threat_models),
                                  jax.random.fold_in(key, index) if index else key,
                                  model_label=label)
-    if index == 0:
+    if index == 0 and parallel.is_primary():
       arrays = evaluate.cam_figure_arrays(
           config, test_set, classifier, evaluate.preprocessors(defense_names, denoisers, config),
           variables, jax.random.fold_in(key, _FIGURE_KEY))
@@ -247,6 +266,7 @@ def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Runs the stages named in ``config.stages`` in pipeline order."""
   config_checks.validate(config)
+  parallel.initialize(config)
   stages = config_checks.split_names(config.stages)
   if stages == ["report"]:  # nothing to load or recompute
     report.render(workdir)
@@ -259,38 +279,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     train_set = load_data(config, "train", config.data.num_train)
   if {"train_classifier", "evaluate"} & set(stages):
     test_set = load_data(config, "test", config.data.num_test)
-  os.makedirs(workdir, exist_ok=True)
-  io_utils.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  class_names = (train_set or test_set).class_names
-  io_utils.write_json(os.path.join(workdir, CLASSES_FILE), list(class_names))
-  print(f"[pipeline] stages {','.join(stages)}  devices {jax.devices()}  workdir {workdir}",
-        flush=True)
+  mesh = parallel.make_mesh()
+  primary = parallel.is_primary()
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
+    io_utils.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    class_names = (train_set or test_set).class_names
+    io_utils.write_json(os.path.join(workdir, CLASSES_FILE), list(class_names))
+    print(f"[pipeline] stages {','.join(stages)}  devices {jax.devices()}  "
+          f"{parallel.describe(mesh)}  workdir {workdir}", flush=True)
   stage_seconds = {}
 
   def timed(stage: str, function, *args):
     stage_start = time.perf_counter()
     value = function(*args)
     stage_seconds[stage] = round(time.perf_counter() - stage_start, 1)
-    print(f"[pipeline] {stage} took {stage_seconds[stage]:.1f}s", flush=True)
+    if primary:
+      print(f"[pipeline] {stage} took {stage_seconds[stage]:.1f}s", flush=True)
     return value
 
   if "train_classifier" in stages:
-    timed("train_classifier", train_classifier, config, workdir, train_set, test_set)
+    timed("train_classifier", train_classifier, config, workdir, train_set, test_set, mesh)
   denoiser_set = train_set.take(_count(config.craft.num_examples)) if train_set else None
   if "craft" in stages:
     timed("craft", craft, config, workdir, denoiser_set)
   if "train_denoiser" in stages:
-    timed("train_denoiser", train_denoiser, config, workdir, denoiser_set)
+    timed("train_denoiser", train_denoiser, config, workdir, denoiser_set, mesh)
   if "train_baselines" in stages:
-    timed("train_baselines", train_baselines, config, workdir, denoiser_set)
+    timed("train_baselines", train_baselines, config, workdir, denoiser_set, mesh)
   if "evaluate" in stages:
     eval_set = test_set.take(_count(config.eval.num_examples))
     results = timed("evaluate", run_evaluation, config, workdir, eval_set)
     run_info = report.metadata(config.seed, time.perf_counter() - started)
     run_info["stage_seconds"] = stage_seconds  # the stages of this invocation
-    report.write(workdir, config.to_dict(), results,
-                 {"wall_time_s": run_info["wall_time_s"], "metadata": run_info})
-    print(f"[pipeline] report written to {os.path.join(workdir, 'report.md')}", flush=True)
-  if "report" in stages:
+    if primary:
+      report.write(workdir, config.to_dict(), results,
+                   {"wall_time_s": run_info["wall_time_s"], "metadata": run_info})
+      print(f"[pipeline] report written to {os.path.join(workdir, 'report.md')}", flush=True)
+  if "report" in stages and primary:
     report.render(workdir)
-  print(f"[pipeline] done in {time.perf_counter() - started:.1f}s", flush=True)
+  if primary:
+    print(f"[pipeline] done in {time.perf_counter() - started:.1f}s", flush=True)

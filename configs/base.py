@@ -14,6 +14,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.stages = ALL_STAGES  # any comma-separated subset, run in pipeline order
   config.log_every_steps = 50
+  # Compute dtype of the train steps: float32 or bfloat16 (parameters and optimiser state stay
+  # float32). Crafting, attacks and evaluation always run in float32.
+  config.compute_dtype = "float32"
+
+  # Devices and processes (cafd_jax/parallel.py, launch/README.md). Batch sizes are global.
+  config.parallel = ml_collections.ConfigDict()
+  config.parallel.distributed = False  # True: jax.distributed.initialize() (several processes)
+  config.parallel.coordinator_address = ""  # empty: detected (TPU pod, SLURM); else HOST:PORT
+  config.parallel.num_processes = 1  # with coordinator_address only
+  config.parallel.process_id = 0  # with coordinator_address only
+  config.parallel.fsdp = False  # split large parameters and optimiser moments over devices
+  config.parallel.prefetch_batches = 2  # batches put on devices ahead of the running step
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "tfds:cifar10"  # synthetic | folder:PATH | tfds:NAME
@@ -40,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.classifier.lr_decay_epochs = (60, 120, 160)
   config.classifier.lr_decay_factor = 0.2
   config.classifier.augment = True  # random crop (pad 4) + horizontal flip
+  # >1: the batch runs as this many sequential microbatches, one update (fits small devices).
+  config.classifier.accumulation_steps = 1
 
   config.caf = ml_collections.ConfigDict()
   config.caf.attack_kind = "weighted_features"  # weighted_features | cam | features

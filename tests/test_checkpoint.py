@@ -14,37 +14,46 @@ class Interrupted(Exception):
   pass
 
 
-def _fit(config, directory, step_fn):
+class DyingImages:
+  """Images that raise ``Interrupted`` when batch number ``die_at`` (from 1) is read."""
+
+  def __init__(self, images, die_at):
+    self.images, self.die_at, self.reads = images, die_at, 0
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, index):
+    self.reads += 1
+    if self.reads == self.die_at:
+      raise Interrupted
+    return self.images[index]
+
+
+def _fit(config, directory, die_at=None):
   dataset = data.make_synthetic(120, seed=5)
+  images = dataset.images if die_at is None else DyingImages(dataset.images, die_at)
   state = factory.classifier_state(config, 10, jax.random.key(0), steps_per_epoch=4)
-  return loop.fit(stage="test", state=state, step_fn=step_fn,
-                  arrays=(dataset.images, dataset.labels), batch_size=30, num_epochs=3, seed=0,
-                  key=jax.random.key(1), checkpoint_dir=directory, workdir=None)
+  return loop.fit(stage="test", state=state,
+                  step_fn=classifier.make_step_fn(use_augmentation=True),
+                  arrays=(images, dataset.labels), batch_size=30, num_epochs=3, seed=0,
+                  key=jax.random.key(1), checkpoint_dir=directory, workdir=None,
+                  prefetch_batches=0)
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_config, tmp_path):
-  step_fn = classifier.make_step_fn(use_augmentation=True)
-  reference = _fit(tiny_config, str(tmp_path / "straight"), step_fn)
-
-  calls = {"n": 0}
-
-  def dying_step(state, batch, key):
-    calls["n"] += 1
-    if calls["n"] == 7:  # in the middle of the second epoch, after the first checkpoint
-      raise Interrupted
-    return step_fn(state, batch, key)
-
-  with pytest.raises(Interrupted):
-    _fit(tiny_config, str(tmp_path / "resumed"), dying_step)
+  reference = _fit(tiny_config, str(tmp_path / "straight"))
+  with pytest.raises(Interrupted):  # in the middle of the second epoch, after the first checkpoint
+    _fit(tiny_config, str(tmp_path / "resumed"), die_at=7)
   checkpoints = checkpoint.manager(str(tmp_path / "resumed"))
   assert checkpoints.latest_step() == 1
   checkpoints.close()
-  resumed = _fit(tiny_config, str(tmp_path / "resumed"), step_fn)
+  resumed = _fit(tiny_config, str(tmp_path / "resumed"))
   for got, want in zip(jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state)),
                        jax.tree.leaves((reference.params, reference.batch_stats, reference.opt_state))):
     np.testing.assert_array_equal(got, want)
   # A finished run restores and does no more steps.
-  finished = _fit(tiny_config, str(tmp_path / "resumed"), dying_step)
+  finished = _fit(tiny_config, str(tmp_path / "resumed"), die_at=1)
   assert int(finished.step) == int(reference.step)
 
 

@@ -62,6 +62,9 @@ def test_reference_hyper_parameters():
     ("eval.threat_models", "unseen,black_box", "config.eval.threat_models"),
     ("eval.sweep_threat_models", "unseen,grey_box", "config.eval.sweep_threat_models"),
     ("data.num_train", -5, "config.data.num_train"),
+    ("compute_dtype", "float16", "config.compute_dtype"),
+    ("classifier.accumulation_steps", 3, "config.classifier.accumulation_steps"),
+    ("parallel.prefetch_batches", -1, "config.parallel.prefetch_batches"),
 ])
 def test_bad_values_raise_one_clear_line(tiny_config, field, value, needle):
   section, _, name = field.rpartition(".")

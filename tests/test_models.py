@@ -1,5 +1,7 @@
 """Shapes of every model in the zoo, features on request, denoiser output range."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,3 +83,39 @@ def test_discriminator_gives_one_logit_per_image():
   x = jnp.zeros((4, 32, 32, 3))
   variables = disc.init(jax.random.key(0), x)
   assert disc.apply(variables, x).shape == (4,)
+
+
+@pytest.mark.parametrize("spatial, strides, padding, kernel_size", [
+    (2, 1, ((1, 1), (1, 1)), 3),  # VGG-19's last block on 32x32 inputs
+    (1, 1, "SAME", 3),
+    (4, 2, ((1, 1), (1, 1)), 3),  # a ResNet downsampling conv
+    (4, 2, "VALID", 1),  # a ResNet 1x1 shortcut
+])
+def test_tiny_map_convolution_as_matmul_matches_lax(spatial, strides, padding, kernel_size):
+  from cafd_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (3, spatial, spatial, 5))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 5, 6))
+  dimensions = ("NHWC", "HWIO", "NHWC")
+
+  def loss(conv, x, kernel):
+    y = conv(x, kernel, (strides, strides), padding, dimension_numbers=dimensions)
+    return jnp.sum(jnp.sin(y)), y
+
+  (_, want), want_grads = jax.value_and_grad(
+      functools.partial(loss, jax.lax.conv_general_dilated), (0, 1), has_aux=True)(x, kernel)
+  (_, got), got_grads = jax.value_and_grad(
+      functools.partial(loss, layers.conv_general_dilated), (0, 1), has_aux=True)(x, kernel)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for got_grad, want_grad in zip(got_grads, want_grads):
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+  if jax.default_backend() == "cpu":  # the CPU path really is the matrix product
+    jaxpr = str(jax.make_jaxpr(lambda a, b: layers.conv_general_dilated(
+        a, b, (strides, strides), padding, dimension_numbers=dimensions))(x, kernel))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+
+
+def test_resnet_parameter_names_are_those_of_nn_conv():
+  model = models.create_classifier("resnet18", num_classes=10, width=0.125)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  assert "Conv_0" in params and set(params["BasicBlock_0"]) >= {"Conv_0", "Conv_1"}

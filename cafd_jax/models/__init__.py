@@ -1,6 +1,6 @@
 """Model zoo: classifiers by name, the U-Net denoiser and the discriminator."""
 
-
+import jax.numpy as jnp
 from flax import linen as nn
 
 from cafd_jax.models.common import head_kernel
@@ -14,9 +14,11 @@ CLASSIFIERS = tuple(VGG_LAYOUTS) + tuple(RESNET_DEPTHS) + ("wrn",)
 
 
 def create_classifier(name: str, *, num_classes: int, width: float = 1.0, mean=None, std=None,
-                      depth: int = 28, widen_factor: int = 10) -> nn.Module:
-  """Builds a classifier from the zoo by name (see ``CLASSIFIERS``)."""
-  kwargs = dict(num_classes=num_classes, width=width)
+                      depth: int = 28, widen_factor: int = 10,
+                      dtype: jnp.dtype = jnp.float32) -> nn.Module:
+  """Builds a classifier from the zoo by name (see ``CLASSIFIERS``). ``dtype`` is the compute
+  dtype (parameters stay float32; the logits are float32)."""
+  kwargs = dict(num_classes=num_classes, width=width, dtype=dtype)
   if mean is not None:
     kwargs.update(mean=tuple(mean), std=tuple(std))
   if name in VGG_LAYOUTS:

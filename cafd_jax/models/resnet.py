@@ -5,7 +5,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cafd_jax.models import common
+from cafd_jax.models import common, layers
 
 DEPTHS: dict[str, tuple[str, tuple[int, ...]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -23,9 +23,9 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)
-    h = nn.Conv(self.channels, (3, 3), self.strides, padding=1, use_bias=False, dtype=self.dtype)(x)
+    h = layers.conv(self.channels, (3, 3), self.strides, padding=1, use_bias=False, dtype=self.dtype)(x)
     h = nn.relu(norm()(h))
-    h = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(h)
+    h = layers.conv(self.channels, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(h)
     h = norm()(h)
     return nn.relu(h + _shortcut(x, self.channels, self.strides, norm, self.dtype))
 
@@ -40,10 +40,10 @@ class Bottleneck(nn.Module):
   def __call__(self, x, train: bool):
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)
     out_channels = self.channels * self.expansion
-    h = nn.relu(norm()(nn.Conv(self.channels, (1, 1), use_bias=False, dtype=self.dtype)(x)))
-    h = nn.Conv(self.channels, (3, 3), self.strides, padding=1, use_bias=False, dtype=self.dtype)(h)
+    h = nn.relu(norm()(layers.conv(self.channels, (1, 1), use_bias=False, dtype=self.dtype)(x)))
+    h = layers.conv(self.channels, (3, 3), self.strides, padding=1, use_bias=False, dtype=self.dtype)(h)
     h = nn.relu(norm()(h))
-    h = norm()(nn.Conv(out_channels, (1, 1), use_bias=False, dtype=self.dtype)(h))
+    h = norm()(layers.conv(out_channels, (1, 1), use_bias=False, dtype=self.dtype)(h))
     return nn.relu(h + _shortcut(x, out_channels, self.strides, norm, self.dtype))
 
 
@@ -51,7 +51,7 @@ def _shortcut(x, out_channels: int, strides: int, norm, dtype):
   """Identity, or a strided 1x1 projection when the shape changes."""
   if strides == 1 and x.shape[-1] == out_channels:
     return x
-  return norm()(nn.Conv(out_channels, (1, 1), strides, use_bias=False, dtype=dtype)(x))
+  return norm()(layers.conv(out_channels, (1, 1), strides, use_bias=False, dtype=dtype)(x))
 
 
 class ResNet(nn.Module):
@@ -69,7 +69,7 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False, return_features: bool = False):
     block_cls = BasicBlock if self.block == "basic" else Bottleneck
     h = common.normalize(x, self.mean, self.std).astype(self.dtype)
-    h = nn.Conv(common.scaled(64, self.width), (3, 3), padding=1, use_bias=False, dtype=self.dtype)(h)
+    h = layers.conv(common.scaled(64, self.width), (3, 3), padding=1, use_bias=False, dtype=self.dtype)(h)
     h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h))
     for stage, num_blocks in enumerate(self.stage_sizes):
       channels = common.scaled(64 * 2**stage, self.width)

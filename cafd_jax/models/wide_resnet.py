@@ -5,7 +5,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cafd_jax.models import common
+from cafd_jax.models import common, layers
 
 
 class WideBlock(nn.Module):
@@ -19,11 +19,11 @@ class WideBlock(nn.Module):
   def __call__(self, x, train: bool):
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)
     pre = nn.relu(norm()(x))
-    h = nn.Conv(self.channels, (3, 3), self.strides, padding=1, use_bias=False, dtype=self.dtype)(pre)
+    h = layers.conv(self.channels, (3, 3), self.strides, padding=1, use_bias=False, dtype=self.dtype)(pre)
     h = nn.relu(norm()(h))
-    h = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(h)
+    h = layers.conv(self.channels, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(h)
     if self.strides != 1 or x.shape[-1] != self.channels:
-      x = nn.Conv(self.channels, (1, 1), self.strides, use_bias=False, dtype=self.dtype)(pre)
+      x = layers.conv(self.channels, (1, 1), self.strides, use_bias=False, dtype=self.dtype)(pre)
     return x + h
 
 
@@ -44,7 +44,7 @@ class WideResNet(nn.Module):
       raise ValueError(f"WideResNet depth must be 6n+4 (e.g. 28), got {self.depth}.")
     blocks_per_stage = (self.depth - 4) // 6
     h = common.normalize(x, self.mean, self.std).astype(self.dtype)
-    h = nn.Conv(common.scaled(16, self.width), (3, 3), padding=1, use_bias=False, dtype=self.dtype)(h)
+    h = layers.conv(common.scaled(16, self.width), (3, 3), padding=1, use_bias=False, dtype=self.dtype)(h)
     for stage, base in enumerate((16, 32, 64)):
       channels = common.scaled(base * self.widen_factor, self.width)
       for index in range(blocks_per_stage):

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,29 +11,65 @@ from cafd_jax import augment, losses
 from cafd_jax.train import common
 
 
-@functools.partial(jax.jit, static_argnames=("use_augmentation",), donate_argnums=(0,))
+def microbatches(array: jnp.ndarray, count: int) -> jnp.ndarray:
+  """[B, ...] -> [count, B / count, ...]; microbatch j holds rows j, j + count, ... so that each
+  one is spread over every device of a batch-sharded array."""
+  if array.shape[0] % count:
+    raise ValueError(f"batch size {array.shape[0]} must be a multiple of "
+                     f"accumulation_steps={count}.")
+  return jnp.swapaxes(array.reshape(array.shape[0] // count, count, *array.shape[1:]), 0, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("use_augmentation", "accumulation_steps"),
+                   donate_argnums=(0,))
 def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarray,
-               key: jax.Array, use_augmentation: bool) -> tuple[common.TrainState, dict]:
-  """One SGD step on a batch; BatchNorm in training mode."""
+               key: jax.Array, use_augmentation: bool, accumulation_steps: int = 1
+               ) -> tuple[common.TrainState, dict]:
+  """One optimiser step on a batch; BatchNorm in training mode.
+
+  With ``accumulation_steps`` k > 1 the batch is processed as k microbatches in sequence
+  (activations of one microbatch in memory at a time) and their mean gradient makes one update:
+  the optimiser sees the whole batch; BatchNorm statistics are those of each microbatch.
+  """
+  chex.assert_rank(images, 4)
   if use_augmentation:
     images = augment.random_crop_flip(key, images)
 
-  def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+  def loss_fn(params, batch_stats, images, labels):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats},
                                      images, train=True, mutable=["batch_stats"])
-    return jnp.mean(losses.cross_entropy(logits, labels)), (logits, updates["batch_stats"])
+    logits = logits.astype(jnp.float32)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    loss = jnp.mean(losses.cross_entropy(logits, labels))
+    return loss, (accuracy, updates["batch_stats"])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accumulation_steps == 1:
+    (loss, (accuracy, batch_stats)), grads = grad_fn(state.params, state.batch_stats, images,
+                                                     labels)
+  else:
+    def accumulate(carry, microbatch):
+      grads_sum, batch_stats = carry
+      (loss, (accuracy, batch_stats)), grads = grad_fn(state.params, batch_stats, *microbatch)
+      return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), (loss, accuracy)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, batch_stats), (loss, accuracy) = jax.lax.scan(
+        accumulate, (zeros, state.batch_stats),
+        (microbatches(images, accumulation_steps), microbatches(labels, accumulation_steps)))
+    grads = jax.tree.map(lambda g: g / accumulation_steps, grads)
+    loss, accuracy = jnp.mean(loss), jnp.mean(accuracy)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return state, {"loss": loss, "accuracy": accuracy}
 
 
-def make_step_fn(use_augmentation: bool):
-  """Adapts ``train_step`` to the (state, batch, key) signature of ``loop.fit``."""
-  def step_fn(state, batch, key):
+def make_step_fn(use_augmentation: bool, accumulation_steps: int = 1):
+  """``train_step`` in the (state, batch, key, frozen) form of ``loop.fit``."""
+  def step_fn(state, batch, key, frozen=None):
+    del frozen  # the classifier step reads nothing besides its own state
     images, labels = batch
-    return train_step(state, jnp.asarray(images), jnp.asarray(labels), key, use_augmentation)
+    return train_step(state, jnp.asarray(images), jnp.asarray(labels), key, use_augmentation,
+                      accumulation_steps)
   return step_fn
 
 

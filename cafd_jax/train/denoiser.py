@@ -105,9 +105,10 @@ def make_baseline_train_step(classifier: nn.Module, name: str) -> Callable:
   return jax.jit(step, donate_argnums=(0,))
 
 
-def make_step_fn(train_step: Callable, classifier_variables: dict):
-  """Adapts a denoiser train step to the (state, batch, key) signature of ``loop.fit``."""
-  def step_fn(states, batch, _key):
+def make_step_fn(train_step: Callable):
+  """A denoiser train step in the (state, batch, key, frozen) form of ``loop.fit``; ``frozen`` is
+  the classifier's variables."""
+  def step_fn(states, batch, _key, classifier_variables):
     x_adv, x_natural, labels = batch
     return train_step(states, classifier_variables, jnp.asarray(x_adv), jnp.asarray(x_natural),
                       jnp.asarray(labels))

@@ -1,13 +1,22 @@
-"""The epoch loop shared by every training stage: shuffling, resume, checkpoints, progress."""
+"""The epoch loop shared by every training stage: sharding, shuffling, resume, checkpoints,
+progress.
+
+A step function is pure: ``step_fn(state, batch, key, frozen) -> (state, metrics)``, with
+``batch`` a tuple of arrays whose first axis is the global batch and ``frozen`` whatever the step
+reads but does not train (e.g. the classifier under a denoiser). ``fit`` compiles it once with
+explicit shardings over a data mesh (``cafd_jax.parallel``): batch split over devices, state
+replicated or FSDP-split, ``frozen`` replicated, state buffers donated.
+"""
 
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from cafd_jax import checkpoint, metrics
+from cafd_jax import checkpoint, metrics, parallel
 
-StepFn = Callable[[Any, tuple[np.ndarray, ...], jax.Array], tuple[Any, dict]]
+StepFn = Callable[[Any, tuple, jax.Array, Any], tuple[Any, dict]]
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -15,19 +24,50 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def compile_step(step_fn: StepFn, state: Any, mesh: Mesh, fsdp: bool = False
+                 ) -> tuple[Callable, Any]:
+  """``jax.jit(step_fn)`` with explicit in/out shardings, and the state's shardings."""
+  state_shardings = parallel.state_shardings(state, mesh, fsdp)
+  replicated = parallel.replicated(mesh)
+  compiled = jax.jit(step_fn,
+                     in_shardings=(state_shardings, parallel.batch_sharding(mesh), replicated,
+                                   replicated),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return compiled, state_shardings
+
+
 def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray],
         batch_size: int, num_epochs: int, seed: int, key: jax.Array, checkpoint_dir: str,
-        workdir: str | None, log_every_steps: int = 50, max_to_keep: int = 2) -> Any:
-  """Runs ``step_fn`` over shuffled batches for ``num_epochs``, resuming from checkpoints.
+        workdir: str | None, log_every_steps: int = 50, max_to_keep: int = 2,
+        frozen: Any = None, mesh: Mesh | None = None, fsdp: bool = False,
+        prefetch_batches: int = 2) -> Any:
+  """Runs ``step_fn`` over shuffled global batches for ``num_epochs``, resuming from checkpoints.
 
-  A checkpoint (the whole ``state`` pytree) is written after every epoch, numbered by epochs
-  done; a rerun restores the latest and continues with identical data order and keys.
+  ``batch_size`` is global; every process draws the same epoch order and feeds only its own rows
+  of each batch (``parallel.local_rows``). A checkpoint (the whole ``state`` pytree, written by
+  all processes together) is saved after every epoch, numbered by epochs done; a rerun restores
+  the latest and continues with identical data order and keys, on any number of devices.
   """
+  mesh = mesh or parallel.make_mesh()
   num_examples = len(arrays[0])
   steps_per_epoch = num_examples // batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"{stage}: batch size {batch_size} exceeds the {num_examples} examples; "
                      f"lower the batch size or use more data.")
+  rows = parallel.local_rows(batch_size, mesh)
+  compiled, state_shardings = compile_step(step_fn, state, mesh, fsdp)
+  state = parallel.place_state(state, state_shardings)
+  frozen = parallel.replicate(frozen, mesh)
+  step_key = lambda step: parallel.replicate(jax.random.fold_in(key, step), mesh)
+
+  def batches(start_epoch):
+    for epoch in range(start_epoch, num_epochs):
+      order = epoch_order(num_examples, seed, epoch)
+      for index in range(steps_per_epoch):
+        batch_indices = np.sort(order[index * batch_size:(index + 1) * batch_size])[rows]
+        local = tuple(array[batch_indices] for array in arrays)
+        yield epoch, index, parallel.shard_batch(local, mesh, batch_size)
+
   checkpoints = checkpoint.manager(checkpoint_dir, max_to_keep)
   try:
     restored = checkpoint.restore_latest(checkpoints, state)
@@ -38,15 +78,12 @@ def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray]
     logger = metrics.ProgressLogger(stage, num_epochs * steps_per_epoch, workdir, batch_size,
                                     log_every_steps)
     try:
-      for epoch in range(start_epoch, num_epochs):
-        order = epoch_order(num_examples, seed, epoch)
-        for index in range(steps_per_epoch):
-          batch_indices = np.sort(order[index * batch_size:(index + 1) * batch_size])
-          batch = tuple(array[batch_indices] for array in arrays)
-          step = epoch * steps_per_epoch + index
-          state, step_metrics = step_fn(state, batch, jax.random.fold_in(key, step))
-          logger.step(step + 1, step_metrics)
-        checkpoint.save(checkpoints, epoch + 1, state)
+      for epoch, index, batch in parallel.prefetch(batches(start_epoch), prefetch_batches):
+        step = epoch * steps_per_epoch + index
+        state, step_metrics = compiled(state, batch, step_key(step), frozen)
+        logger.step(step + 1, step_metrics)
+        if index == steps_per_epoch - 1:
+          checkpoint.save(checkpoints, epoch + 1, state)
     finally:
       logger.close()
   finally:

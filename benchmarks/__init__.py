@@ -1,0 +1,1 @@
+"""Throughput benchmarks: this project against an equivalent PyTorch implementation."""

@@ -1,0 +1,168 @@
+"""Images per second of the three hot steps, this project (JAX) against PyTorch, same shapes.
+
+    python -m benchmarks.compare [--models vgg19,resnet18] [--batch_size 128] [--dtype float32]
+
+(a) classifier train step (SGD, BatchNorm in training mode, no augmentation);
+(b) one CAF-attack step: forward + input gradient of the CAF distance, then a signed step;
+(c) CAFD denoiser train step: U-Net + frozen classifier CAF + relativistic GAN discriminator,
+    then the discriminator's own step (both Adam).
+Each is timed after warm-up as the median of several calls; PyTorch runs with all CPU threads
+(or CUDA when JAX runs on a GPU). Needs torch (``pip install torch==2.13.0`` on CPU); the
+cafd_jax package itself never imports it.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cafd_jax import factory
+from cafd_jax.train import classifier as classifier_train
+from cafd_jax.train import denoiser as denoiser_train
+from configs import base
+
+BENCHMARKS = ("classifier_step", "caf_attack_step", "denoiser_step")
+
+
+def _median_seconds(run: Callable[[], object], warmup: int, repeats: int,
+                    wait: Callable[[object], object]) -> float:
+  for _ in range(warmup):
+    wait(run())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    wait(run())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _config(model: str, dtype: str) -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.model.name = model
+  config.compute_dtype = dtype
+  return config
+
+
+def jax_steps(model: str, batch_size: int, dtype: str) -> dict[str, Callable[[], object]]:
+  """Zero-argument closures, each running one compiled step of this project on fixed data."""
+  config = _config(model, dtype)
+  compute = factory.training_dtype(config)
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.uniform(keys[0], (batch_size, 32, 32, 3))
+  x_adv = jnp.clip(x + 8 / 255 * jax.random.rademacher(keys[1], x.shape, jnp.float32), 0, 1)
+  y = jax.random.randint(keys[2], (batch_size,), 0, 10)
+  state = factory.classifier_state(config, 10, keys[3], 390, compute)
+  holder = {"state": state}
+
+  def classifier_step():
+    holder["state"], metrics = classifier_train.train_step(holder["state"], x, y, keys[0], False)
+    return metrics["loss"]
+
+  network = factory.classifier(config, 10, compute)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  caf_fn = denoiser_train.classifier_caf_fn(network, variables, "weighted_features", "label")
+  natural = caf_fn(x, y)
+
+  @jax.jit
+  def caf_step(x_adv, natural):
+    objective = lambda z: jnp.sum(jnp.mean((caf_fn(z, y) - natural) ** 2, axis=(1, 2, 3)))
+    grad = jax.grad(objective)(x_adv)
+    return jnp.clip(x_adv + 0.01 * jnp.sign(grad), 0, 1)
+
+  states = factory.denoiser_states(config, keys[1], 390, compute)
+  denoiser_holder = {"states": states}
+  step = denoiser_train.make_train_step(network, caf_kind="weighted_features",
+                                        class_source="label", caf_weight=1e3, gan_weight=5e-3)
+
+  def denoiser_step():
+    denoiser_holder["states"], metrics = step(denoiser_holder["states"], variables, x_adv, x, y)
+    return metrics["loss"]
+
+  return {"classifier_step": classifier_step,
+          "caf_attack_step": lambda: caf_step(x_adv, natural),
+          "denoiser_step": denoiser_step}
+
+
+def torch_steps(model: str, batch_size: int, device: str) -> dict[str, Callable[[], object]]:
+  import torch  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference as reference  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  x = torch.rand(batch_size, 3, 32, 32, device=device)
+  x_adv = torch.clamp(x + 8 / 255 * torch.sign(torch.randn_like(x)), 0, 1)
+  y = torch.randint(0, 10, (batch_size,), device=device)
+  network = reference.classifier(model).to(device)
+  optimizer = torch.optim.SGD(network.parameters(), 0.1, momentum=0.9, weight_decay=5e-4)
+  train = reference.classifier_step(network.train(), optimizer)
+  frozen = reference.classifier(model).to(device).eval()
+  with torch.no_grad():
+    natural = reference.weighted_features(frozen, x, y)
+  attack = reference.caf_attack_step(frozen)
+  denoise = reference.denoiser_step(frozen, reference.UNetDenoiser().to(device).train(),
+                                    reference.Discriminator().to(device))
+  return {"classifier_step": lambda: train(x, y),
+          "caf_attack_step": lambda: attack(x_adv, natural, y),
+          "denoiser_step": lambda: denoise(x_adv, x, y)}
+
+
+def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, repeats: int,
+            with_torch: bool = True) -> list[dict]:
+  """One row per (model, benchmark): img/s of JAX and PyTorch and their ratio."""
+  rows = []
+  torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  for model in model_names:
+    ours = jax_steps(model, batch_size, dtype)
+    theirs = torch_steps(model, batch_size, torch_device) if with_torch else {}
+    if theirs:
+      import torch  # pylint: disable=g-import-not-at-top
+      sync = (lambda value: torch.cuda.synchronize()) if torch_device == "cuda" else (
+          lambda value: value)
+    for name in BENCHMARKS:
+      row = {"model": model, "benchmark": name, "batch_size": batch_size, "dtype": dtype,
+             "device": str(jax.devices()[0].device_kind)}
+      row["jax_img_s"] = batch_size / _median_seconds(ours[name], warmup, repeats,
+                                                      jax.block_until_ready)
+      if theirs:
+        row["torch_img_s"] = batch_size / _median_seconds(theirs[name], warmup, repeats, sync)
+        row["ratio"] = row["jax_img_s"] / row["torch_img_s"]
+      rows.append(row)
+      print(format_row(row), flush=True)
+  return rows
+
+
+def format_row(row: dict) -> str:
+  text = f"{row['model']:>9} {row['benchmark']:>16}  jax {row['jax_img_s']:8.1f} img/s"
+  if "torch_img_s" in row:
+    text += f"  torch {row['torch_img_s']:8.1f} img/s  jax/torch {row['ratio']:.2f}"
+  return text
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="vgg19,resnet18")
+  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--no_torch", action="store_true", help="time this project only")
+  parser.add_argument("--out", default="", help="also write the rows to this JSON file")
+  args = parser.parse_args()
+  if jax.default_backend() == "cpu":
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(os.cpu_count() or 1)
+  print(f"devices {jax.devices()}  batch {args.batch_size}  dtype {args.dtype}", flush=True)
+  rows = measure(args.models.split(","), args.batch_size, args.dtype, args.warmup, args.repeats,
+                 not args.no_torch)
+  if args.out:
+    with open(args.out, "w") as file:
+      json.dump(rows, file, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,128 @@
+"""One code path for 1 and 8 devices, 1 and 2 processes: same losses, parameters, checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cafd_jax import parallel, pipeline
+from configs import tiny
+
+from conftest import ROOT
+
+RTOL, ATOL = 1e-4, 1e-4  # float32 sums in another order, over 6 SGD steps
+
+
+@pytest.fixture(scope="module")
+def eight_device_states(tmp_path_factory):
+  out = tmp_path_factory.mktemp("parallel")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, os.path.join("tests", "parallel_support.py"), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(out / "states.npz") as arrays:
+    return dict(arrays)
+
+
+def _rounding_noise(path: str) -> bool:
+  """Leaves that hold only float rounding noise: biases of convolutions followed by BatchNorm
+  (and their optimiser moments), which BatchNorm cancels, so their true gradient is zero; and
+  BatchNorm running means, which carry those biases. No two summation orders share them."""
+  return ("Conv3x3_" in path and "'bias'" in path) or "'mean'" in path
+
+
+def _state(arrays, name, trained_only=True):
+  """The leaves of a saved state in order; ``trained_only`` drops ``_rounding_noise`` leaves."""
+  keys = sorted((key for key in arrays if key.startswith(name + "/")),
+                key=lambda key: int(key.split("/")[1]))
+  assert keys, name
+  if trained_only:
+    keys = [key for key in keys if not _rounding_noise(key)]
+  return [arrays[key] for key in keys]
+
+
+def _assert_close(got, want, rtol=RTOL, atol=ATOL):
+  assert len(got) == len(want)
+  for index, (a, b) in enumerate(zip(got, want)):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"leaf {index}")
+
+
+def test_eight_devices_give_the_losses_and_parameters_of_one(eight_device_states):
+  arrays = eight_device_states
+  np.testing.assert_allclose(arrays["losses/eight"], arrays["losses/one"], rtol=1e-5)
+  assert arrays["losses/one"][-1] != arrays["losses/one"][0]  # the steps did train
+  _assert_close(_state(arrays, "eight"), _state(arrays, "one"))
+  _assert_close(_state(arrays, "fsdp"), _state(arrays, "one"))
+  assert int(arrays["fsdp_split_leaves"]) > 0  # fsdp really split some parameters
+
+
+def test_checkpoints_move_between_one_and_eight_devices(eight_device_states):
+  arrays = eight_device_states
+  # Restored exactly, onto the new device count.
+  for restored, written in (("eight_on_one", "eight"), ("one_on_eight", "one")):
+    _assert_close(_state(arrays, restored, trained_only=False),
+                  _state(arrays, written, trained_only=False), rtol=0, atol=0)
+  assert int(arrays["devices/eight_on_one"]) == 1 and int(arrays["devices/one_on_eight"]) == 8
+  # An epoch on 1 device, then one on 8 devices resumed from its checkpoint.
+  _assert_close(_state(arrays, "mixed"), _state(arrays, "one"))
+
+
+def test_gradient_accumulation_matches_the_whole_batch(eight_device_states):
+  arrays = eight_device_states
+  _assert_close(_state(arrays, "accumulate2"), _state(arrays, "accumulate1"))
+
+
+def test_bfloat16_compute_keeps_float32_parameters(eight_device_states):
+  arrays = eight_device_states
+  assert list(arrays["bf16_param_dtypes"]) == ["float32"]
+  bf16, fp32 = _state(arrays, "bf16"), _state(arrays, "one")
+  assert all(np.all(np.isfinite(leaf)) for leaf in bf16)
+  # Same training, lower precision: close to, not equal to, the float32 parameters.
+  differences = [np.max(np.abs(a - b)) for a, b in zip(bf16, fp32)]
+  assert 0 < max(differences) < 0.1, differences
+
+
+def _restored_leaves(workdir):
+  """The trained classifier's leaves, without ``_rounding_noise``."""
+  variables = pipeline.restore_classifier(tiny.get_config(), str(workdir), 10)
+  return [np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
+          if not _rounding_noise(jax.tree_util.keystr(path))]
+
+
+def _run(launcher, workdir, *overrides):
+  command = launcher + ["--config", "configs/tiny.py", "--workdir", str(workdir),
+                        "--config.eval.attacks=none,pgd", "--config.eval.defenses=none",
+                        "--config.eval.batch_size=50", *overrides]  # 2 evaluation batches
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def test_two_processes_match_one_process(tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  one, two = [sys.executable, "main.py"], ["bash", "launch/local_multiprocess.sh", "2"]
+  _run(one, tmp_path / "one", "--config.stages=train_classifier,evaluate")
+  trained = _run(two, tmp_path / "two", "--config.stages=train_classifier")
+  assert "over 2 process(es)" in trained.stdout
+  # Training: the global batch split over the two processes' devices.
+  _assert_close(_restored_leaves(tmp_path / "two"), _restored_leaves(tmp_path / "one"))
+  # Evaluation of the same checkpoint: each process attacks its share of the batches.
+  shutil.copytree(tmp_path / "one", tmp_path / "one_evaluated_by_two")
+  os.remove(tmp_path / "one_evaluated_by_two" / "report.json")
+  _run(two, tmp_path / "one_evaluated_by_two", "--config.stages=evaluate")
+  rows = lambda name: {(r["attack"], r["defense"]): r["accuracy"] for r in json.loads(
+      (tmp_path / name / "report.json").read_text())["results"]}
+  assert rows("one_evaluated_by_two") == rows("one")
+
+
+def test_batches_must_split_over_the_devices():
+  mesh = parallel.make_mesh(1)
+  assert parallel.local_rows(12, mesh) == slice(0, 12)
+  arrays, count = parallel.pad_batch((np.arange(5), np.arange(5) * 2), 4)
+  assert count == 5 and [list(a) for a in arrays] == [[0, 1, 2, 3, 4, 4, 4, 4],
+                                                      [0, 2, 4, 6, 8, 8, 8, 8]]
