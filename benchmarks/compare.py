@@ -66,13 +66,18 @@ def jax_steps(model: str, batch_size: int, dtype: str) -> dict[str, Callable[[],
     return metrics["loss"]
 
   network = factory.classifier(config, 10, compute)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  caf_fn = denoiser_train.classifier_caf_fn(network, variables, "weighted_features", "label")
-  natural = caf_fn(x, y)
+  frozen = factory.classifier_state(config, 10, keys[2], 390, compute)  # not donated
+  variables = {"params": frozen.params, "batch_stats": frozen.batch_stats}
+
+  def caf_fn(variables):
+    return denoiser_train.classifier_caf_fn(network, variables, "weighted_features", "label")
+
+  natural = jax.jit(lambda variables: caf_fn(variables)(x, y))(variables)
 
   @jax.jit
-  def caf_step(x_adv, natural):
-    objective = lambda z: jnp.sum(jnp.mean((caf_fn(z, y) - natural) ** 2, axis=(1, 2, 3)))
+  def caf_step(variables, x_adv, natural):
+    objective = lambda z: jnp.sum(jnp.mean((caf_fn(variables)(z, y) - natural) ** 2,
+                                           axis=(1, 2, 3)))
     grad = jax.grad(objective)(x_adv)
     return jnp.clip(x_adv + 0.01 * jnp.sign(grad), 0, 1)
 
@@ -86,7 +91,7 @@ def jax_steps(model: str, batch_size: int, dtype: str) -> dict[str, Callable[[],
     return metrics["loss"]
 
   return {"classifier_step": classifier_step,
-          "caf_attack_step": lambda: caf_step(x_adv, natural),
+          "caf_attack_step": lambda: caf_step(variables, x_adv, natural),
           "denoiser_step": denoiser_step}
 
 
