@@ -103,6 +103,7 @@ def _run(launcher, workdir, *overrides):
   return result
 
 
+@pytest.mark.slow  # three main.py runs (~3 min on 2 cores); `pytest -m slow`
 def test_two_processes_match_one_process(tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   one, two = [sys.executable, "main.py"], ["bash", "launch/local_multiprocess.sh", "2"]
