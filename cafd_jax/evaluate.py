@@ -155,9 +155,8 @@ def _accuracies(attack: Callable, predictors: dict[str, Callable], dataset: data
   for batch_index, start in enumerate(range(0, len(dataset), batch_size)):
     if not parallel.owns(batch_index):
       continue
-    (x, y), count = parallel.pad_batch((dataset.images[start:start + batch_size],
-                                        dataset.labels[start:start + batch_size]), mesh.size)
-    x, y = (jax.device_put(array, parallel.batch_sharding(mesh)) for array in (x, y))
+    (x, y), count = parallel.put_local_batch((dataset.images[start:start + batch_size],
+                                              dataset.labels[start:start + batch_size]), mesh)
     x_adv = attack(variables, x, y, jax.random.fold_in(key, batch_index))
     for index, predict in enumerate(predictors.values()):
       correct[index] += int(jnp.sum(predict(variables, x_adv)[:count] == y[:count]))

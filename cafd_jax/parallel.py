@@ -97,6 +97,13 @@ def pad_batch(arrays: Sequence[np.ndarray], multiple: int) -> tuple[tuple, int]:
   return tuple(np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in arrays), count
 
 
+def put_local_batch(arrays: Sequence[np.ndarray], mesh: Mesh) -> tuple[tuple, int]:
+  """Host arrays padded to split evenly over ``mesh`` (``pad_batch``) and put there, split
+  along their first axis; and the original row count."""
+  padded, count = pad_batch(arrays, mesh.size)
+  return tuple(jax.device_put(array, batch_sharding(mesh)) for array in padded), count
+
+
 def jit_batched(fn: Callable, mesh: Mesh | None, batch_args: Sequence[bool],
                 batch_output: bool = True) -> Callable:
   """``jax.jit(fn)`` with explicit shardings: argument i split over ``data`` if

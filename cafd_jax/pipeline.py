@@ -142,11 +142,9 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
     path = os.path.join(directory, f"chunk_{chunk:05d}.npy")
     if os.path.exists(path) or not parallel.owns(chunk):
       continue
-    (images, labels), count = parallel.pad_batch(
+    (images, labels), count = parallel.put_local_batch(
         (train_set.images[chunk * batch_size:(chunk + 1) * batch_size],
-         train_set.labels[chunk * batch_size:(chunk + 1) * batch_size]), mesh.size)
-    images, labels = (jax.device_put(array, parallel.batch_sharding(mesh))
-                      for array in (images, labels))
+         train_set.labels[chunk * batch_size:(chunk + 1) * batch_size]), mesh)
     x_adv = attack(images, labels, jax.random.fold_in(key, chunk))
     io_utils.write_npy(path, np.asarray(x_adv)[:count])
     done_now += count

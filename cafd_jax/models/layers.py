@@ -27,6 +27,13 @@ _MIN_FAST_PIXELS = 32 * 32  # below this XLA's own kernel gradient is as fast or
 MAX_MATMUL_PIXELS = 4 * 4  # output maps up to this size run as patches x kernel on CPU
 
 
+def _shifted_windows(padded, kernel_h: int, kernel_w: int, strides, out_h: int, out_w: int):
+  """The input window under each kernel tap (row-major), [B, out_h, out_w, C] each."""
+  return [padded[:, row:row + strides[0] * (out_h - 1) + 1:strides[0],
+                 col:col + strides[1] * (out_w - 1) + 1:strides[1], :]
+          for row in range(kernel_h) for col in range(kernel_w)]
+
+
 def _as_matmul(x, kernel, strides, padding):
   """A NHWC x HWIO convolution as shifted windows of the padded input times the kernel."""
   (pad_top, pad_bottom), (pad_left, pad_right) = padding
@@ -34,9 +41,7 @@ def _as_matmul(x, kernel, strides, padding):
   kernel_h, kernel_w, in_features, out_features = kernel.shape
   out_h = (padded.shape[1] - kernel_h) // strides[0] + 1
   out_w = (padded.shape[2] - kernel_w) // strides[1] + 1
-  windows = [padded[:, row:row + strides[0] * (out_h - 1) + 1:strides[0],
-                    col:col + strides[1] * (out_w - 1) + 1:strides[1], :]
-             for row in range(kernel_h) for col in range(kernel_w)]
+  windows = _shifted_windows(padded, kernel_h, kernel_w, strides, out_h, out_w)
   patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
   return jnp.einsum("bhwk,ko->bhwo", patches,
                     kernel.reshape(kernel_h * kernel_w * in_features, out_features))
@@ -98,13 +103,8 @@ def _backward(strides, residuals, grad_out):
   _, input_vjp = jax.vjp(lambda z: _conv(z, kernel, strides), x)
   (grad_x,) = input_vjp(grad_out)
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  out_h, out_w = grad_out.shape[1:3]
-  taps = []
-  for row in range(3):
-    for col in range(3):
-      window = padded[:, row:row + strides * (out_h - 1) + 1:strides,
-                      col:col + strides * (out_w - 1) + 1:strides, :]
-      taps.append(jnp.einsum("bhwc,bhwd->cd", window, grad_out))
+  windows = _shifted_windows(padded, 3, 3, (strides, strides), *grad_out.shape[1:3])
+  taps = [jnp.einsum("bhwc,bhwd->cd", window, grad_out) for window in windows]
   grad_kernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
   return grad_x, grad_kernel
 
