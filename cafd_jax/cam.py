@@ -1,4 +1,4 @@
-"""Class activation features (CAF): last conv features seen through a class's dense weights.
+"""Class activation features (CAF): deep features seen through a class's weights.
 
 Kinds (``config.caf.attack_kind`` / ``config.caf.loss_kind``), all upsampled bilinearly to the
 input size so that the distance weighs every pixel equally:
@@ -6,10 +6,20 @@ input size so that the distance weighs every pixel equally:
     normalised per image: [B, H, W, C]. The reference attack's CAF.
   * ``cam``: ReLU(sum_c features[..., c] * w[c, y]) min-max normalised per image: [B, H, W],
     the classic class activation map (Zhou et al. 2016).
-  * ``features``: the plain last-layer features [B, H, W, C]: the reference code's
-    denoiser-loss variant, and the ablation without class weighting.
-The class y is the true label or the classifier's own prediction (``config.caf.class_source``;
-the reference uses the prediction of each input).
+  * ``features``: the plain features [B, H, W, C]: the reference code's denoiser-loss
+    variant, and the ablation without class weighting.
+
+Class weights w[., y] (``config.caf.weights``):
+  * ``cam``: the dense kernel column of class y; needs a GAP + dense head and its input as the
+    feature layer (the paper's CAM).
+  * ``gradcam``: the spatial mean of d logit_y / d features (Selvaraju et al. 2017); any
+    classifier, any feature layer (``config.caf.feature_layer``, see ``models.taps``). For a
+    GAP + dense head it is the CAM weight divided by h*w.
+  * ``gradcampp``: Grad-CAM++ (Chattopadhay et al. 2018), the closed form with first-order
+    gradients: sum_ij alpha_ij ReLU(g_ij), alpha = g^2 / (2 g^2 + sum_ab A_ab g^3).
+Gradient weights come from ``jax.vjp`` inside the caller's jitted step, and the attacks and
+denoiser losses differentiate through them. The class y is the true label or the classifier's
+own prediction (``config.caf.class_source``; the reference uses the prediction of each input).
 """
 
 from typing import Callable
@@ -18,12 +28,14 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from cafd_jax.models import taps
+
 CAF_KINDS = ("weighted_features", "cam", "features")
 CLASS_SOURCES = ("prediction", "label")
+WEIGHT_METHODS = ("cam", "gradcam", "gradcampp")
 _EPS = 1e-8
 
 CafFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
-FeaturesFn = Callable[[jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
 
 
 def class_weights(kernel: jnp.ndarray, classes: jnp.ndarray) -> jnp.ndarray:
@@ -31,6 +43,23 @@ def class_weights(kernel: jnp.ndarray, classes: jnp.ndarray) -> jnp.ndarray:
   chex.assert_rank(kernel, 2)
   chex.assert_rank(classes, 1)
   return jnp.take(kernel, classes, axis=1).T
+
+
+def gradcam_weights(gradients: jnp.ndarray) -> jnp.ndarray:
+  """Grad-CAM: spatial mean of d logit_y / d features, [B, h, w, C] -> [B, C]."""
+  chex.assert_rank(gradients, 4)
+  return jnp.mean(gradients, axis=(1, 2))
+
+
+def gradcampp_weights(features: jnp.ndarray, gradients: jnp.ndarray) -> jnp.ndarray:
+  """Grad-CAM++ closed form: sum_ij alpha_ij ReLU(g_ij), [B, h, w, C] -> [B, C]."""
+  chex.assert_rank(features, 4)
+  chex.assert_equal_shape([features, gradients])
+  squared = gradients**2
+  denominator = 2 * squared + jnp.sum(features, axis=(1, 2), keepdims=True) * squared * gradients
+  defined = (gradients != 0) & (jnp.abs(denominator) > _EPS)
+  alpha = jnp.where(defined, squared / jnp.where(defined, denominator, 1.0), 0.0)
+  return jnp.sum(alpha * jax.nn.relu(gradients), axis=(1, 2))
 
 
 def _min_max(maps: jnp.ndarray) -> jnp.ndarray:
@@ -64,12 +93,11 @@ def weighted_feature_maps(features: jnp.ndarray, weights: jnp.ndarray,
   return _upsample(_min_max(caf), output_size)
 
 
-def class_activation_features(features: jnp.ndarray, kernel: jnp.ndarray, classes: jnp.ndarray,
-                              kind: str, output_size: tuple[int, int]) -> jnp.ndarray:
-  """The CAF of ``kind`` for the given classes."""
+def class_activation_features(features: jnp.ndarray, weights: jnp.ndarray | None, kind: str,
+                              output_size: tuple[int, int]) -> jnp.ndarray:
+  """The CAF of ``kind`` given per-example class weights [B, C] (unused for ``features``)."""
   if kind == "features":
     return _upsample(features, output_size)
-  weights = class_weights(kernel, classes)
   if kind == "weighted_features":
     return weighted_feature_maps(features, weights, output_size)
   if kind == "cam":
@@ -77,19 +105,44 @@ def class_activation_features(features: jnp.ndarray, kernel: jnp.ndarray, classe
   raise ValueError(f"caf kind must be one of {CAF_KINDS}, got {kind!r}.")
 
 
-def make_caf_fn(features_fn: FeaturesFn, kernel: jnp.ndarray, kind: str,
-                class_source: str = "prediction") -> CafFn:
-  """Builds ``caf(images, labels)`` from ``features_fn(images) -> (logits, features)``."""
+def _check_options(kind: str, class_source: str, weights: str) -> None:
   if kind not in CAF_KINDS:
     raise ValueError(f"caf kind must be one of {CAF_KINDS}, got {kind!r}.")
   if class_source not in CLASS_SOURCES:
     raise ValueError(f"caf.class_source must be one of {CLASS_SOURCES}, got {class_source!r}.")
+  if weights not in WEIGHT_METHODS:
+    raise ValueError(f"caf.weights must be one of {WEIGHT_METHODS}, got {weights!r}.")
+
+
+def make_caf_fn(tapped_apply: taps.TappedApply, kind: str, class_source: str = "prediction",
+                weights: str = "cam", head_kernel: jnp.ndarray | None = None) -> CafFn:
+  """Builds ``caf(images, labels)`` from ``tapped_apply(images, perturbation) -> (logits,
+  features)`` (see ``models.taps``); ``head_kernel`` [C, K] gives the CAM weights."""
+  _check_options(kind, class_source, weights)
+  if kind != "features" and weights == "cam" and head_kernel is None:
+    raise ValueError("caf.weights=cam needs the dense kernel of a GAP + dense head; "
+                     "use caf.weights=gradcam or gradcampp for other classifiers.")
+
+  def classes_of(logits, labels):
+    classes = labels if class_source == "label" else jnp.argmax(logits, axis=-1)
+    return jax.lax.stop_gradient(classes)
 
   def caf(images: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     chex.assert_rank(images, 4)
-    logits, features = features_fn(images)
-    classes = labels if class_source == "label" else jnp.argmax(logits, axis=-1)
-    return class_activation_features(features, kernel, jax.lax.stop_gradient(classes), kind,
-                                     images.shape[1:3])
+    output_size = images.shape[1:3]
+    if kind == "features" or weights == "cam":
+      logits, features = tapped_apply(images, None)
+      class_weights_ = None if kind == "features" else class_weights(
+          head_kernel, classes_of(logits, labels))
+      return class_activation_features(features, class_weights_, kind, output_size)
+    feature_shape = jax.eval_shape(lambda x: tapped_apply(x, None), images)[1]
+    (logits, features), pullback = jax.vjp(
+        lambda perturbation: tapped_apply(images, perturbation),
+        jnp.zeros(feature_shape.shape, feature_shape.dtype))
+    scores = jax.nn.one_hot(classes_of(logits, labels), logits.shape[-1], dtype=logits.dtype)
+    (gradients,) = pullback((scores, jnp.zeros_like(features)))  # d logit_y / d features
+    class_weights_ = (gradcam_weights(gradients) if weights == "gradcam"
+                      else gradcampp_weights(features, gradients))
+    return class_activation_features(features, class_weights_, kind, output_size)
 
   return caf

@@ -3,6 +3,7 @@
 import ml_collections
 
 from cafd_jax import cam, data, evaluate, models
+from cafd_jax.models import taps
 
 # Pipeline order. ``report`` only rebuilds tables and figures from DIR/report.json.
 STAGES = ("train_classifier", "craft", "train_denoiser", "train_baselines", "evaluate", "report")
@@ -40,6 +41,10 @@ def _non_negative(field: str, value) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid field."""
   _check_names("config.stages", config.stages, STAGES)
+  if config.get("upstream_workdir", ""):
+    _require(not {"train_classifier", "craft"} & set(split_names(config.stages)),
+             "config.upstream_workdir reuses that run's classifier and crafted set; drop "
+             "train_classifier and craft from config.stages.")
   try:
     kind, _ = data.parse_source(config.data.source)
   except data.DataError as error:
@@ -68,6 +73,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"config.caf.{name} must be one of {','.join(cam.CAF_KINDS)}, got {config.caf[name]!r}.")
   _require(config.caf.class_source in cam.CLASS_SOURCES,
            f"config.caf.class_source must be one of {','.join(cam.CLASS_SOURCES)}.")
+  _require(config.model.head in models.HEADS,
+           f"config.model.head must be one of {','.join(models.HEADS)}, got {config.model.head!r}.")
+  _require(config.caf.weights in cam.WEIGHT_METHODS,
+           f"config.caf.weights must be one of {','.join(cam.WEIGHT_METHODS)}, "
+           f"got {config.caf.weights!r}.")
+  try:
+    taps.parse_layer(config.caf.feature_layer)
+  except ValueError as error:
+    raise ConfigError(f"config.{error}") from None
+  if config.caf.weights == "cam":
+    _require(config.model.head == "gap_dense" and config.caf.feature_layer == taps.DEFAULT_LAYER,
+             "config.caf.weights=cam needs model.head=gap_dense and caf.feature_layer="
+             f"{taps.DEFAULT_LAYER}; use caf.weights=gradcam or gradcampp otherwise.")
   for section in (config.craft, config.eval.pgd, config.eval.caf):
     _non_negative("attack eps", section.eps)
     _non_negative("attack step_size", section.step_size)

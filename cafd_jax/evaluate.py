@@ -96,8 +96,8 @@ def caf_attack(config: ml_collections.ConfigDict, classifier: nn.Module, params:
   ``mesh``, batches split over its devices."""
 
   def attack(variables, x, y, key):
-    caf_fn = denoiser_train.classifier_caf_fn(classifier, variables, config.caf.attack_kind,
-                                              config.caf.class_source)
+    caf_fn = denoiser_train.classifier_caf_fn(
+        classifier, variables, **denoiser_train.caf_options(config.caf, config.caf.attack_kind))
     return attacks.caf_attack(caf_fn, x, y, key, **params)
 
   return parallel.jit_batched(attack, mesh, _ATTACK_BATCH_ARGS)
@@ -251,8 +251,9 @@ def cam_figure_arrays(config: ml_collections.ConfigDict, dataset: data.Dataset,
   for defense, pre in preprocess.items():
     if defense != "none":
       panels[f"{defense}(adversarial)"] = pre(variables, x_adv)
-  cam_fn = jax.jit(denoiser_train.classifier_caf_fn(classifier, variables["classifier"], "cam",
-                                                    "prediction"))
+  cam_options = denoiser_train.caf_options(config.caf, "cam") | {"class_source": "prediction"}
+  cam_fn = jax.jit(denoiser_train.classifier_caf_fn(classifier, variables["classifier"],
+                                                    **cam_options))
   classify = jax.jit(logits_fn(classifier, variables["classifier"]))
   names = np.asarray(dataset.class_names)
   images = [np.asarray(jnp.clip(panel, 0, 1)) for panel in panels.values()]

@@ -20,7 +20,8 @@ def classifier(config: ml_collections.ConfigDict, num_classes: int,
   model = config.model
   return models.create_classifier(model.name, num_classes=num_classes, width=model.width,
                                   mean=model.mean, std=model.std, depth=model.depth,
-                                  widen_factor=model.widen_factor, dtype=dtype)
+                                  widen_factor=model.widen_factor,
+                                  head=model.head, dtype=dtype)
 
 
 def denoiser(config: ml_collections.ConfigDict,

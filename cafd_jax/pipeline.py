@@ -19,6 +19,7 @@ import numpy as np
 
 from cafd_jax import (checkpoint, config_checks, data, evaluate, factory, figures, io_utils,
                       parallel, report)
+from cafd_jax.models import taps
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import common
 from cafd_jax.train import denoiser as denoiser_train
@@ -62,10 +63,17 @@ def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return max(1, num_examples // batch_size)
 
 
+def upstream(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the classifier checkpoint and the crafted set live: ``config.upstream_workdir``
+  (a finished run that ablations share) or this run's own workdir."""
+  return config.get("upstream_workdir", "") or workdir
+
+
 def restore_classifier(config: ml_collections.ConfigDict, workdir: str, num_classes: int) -> dict:
   """Inference variables of the trained classifier, from its checkpoint alone."""
   template = factory.classifier_state(config, num_classes, jax.random.key(0), 1)
-  state = checkpoint.require_latest(os.path.join(workdir, CLASSIFIER_DIR), template, "classifier")
+  directory = os.path.join(upstream(config, workdir), CLASSIFIER_DIR)
+  state = checkpoint.require_latest(directory, template, "classifier")
   return common.variables_of(state)
 
 
@@ -110,8 +118,11 @@ def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Da
 
 def _craft_settings(config) -> dict:
   settings = dict(config.craft)
-  settings.update(kind=config.caf.attack_kind, class_source=config.caf.class_source,
+  settings.update(denoiser_train.caf_options(config.caf, config.caf.attack_kind),
                   seed=config.seed, source=config.data.source)
+  for name, default in (("weights", "cam"), ("feature_layer", taps.DEFAULT_LAYER)):
+    if settings[name] == default:  # as written before these options existed
+      del settings[name]
   return settings
 
 
@@ -167,16 +178,17 @@ def load_crafted(workdir: str, num_examples: int) -> np.ndarray:
 
 
 def train_denoiser(config, workdir, train_set: data.Dataset, mesh) -> None:
-  x_adv = load_crafted(workdir, len(train_set))
+  x_adv = load_crafted(upstream(config, workdir), len(train_set))
   classifier = factory.classifier(config, train_set.num_classes)
   classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
   train = config.denoiser
   states = factory.denoiser_states(config, _stage_key(config, "train_denoiser"),
                                    _steps_per_epoch(len(train_set), train.batch_size),
                                    factory.training_dtype(config))
-  step = denoiser_train.make_train_step(classifier, caf_kind=config.caf.loss_kind,
-                                        class_source=config.caf.class_source,
-                                        caf_weight=train.caf_weight, gan_weight=train.gan_weight)
+  options = denoiser_train.caf_options(config.caf, config.caf.loss_kind)
+  step = denoiser_train.make_train_step(
+      classifier, caf_kind=options.pop("kind"), caf_weight=train.caf_weight,
+      gan_weight=train.gan_weight, **options)
   loop.fit(stage="train_denoiser", state=states, step_fn=denoiser_train.make_step_fn(step),
            frozen=classifier_variables, arrays=(x_adv, train_set.images, train_set.labels),
            batch_size=train.batch_size, num_epochs=train.num_epochs,
@@ -191,7 +203,7 @@ def train_baselines(config, workdir, train_set: data.Dataset, mesh) -> None:
   if not names:
     print("[train_baselines] no baseline denoiser in eval.defenses; nothing to train", flush=True)
     return
-  x_adv = load_crafted(workdir, len(train_set))
+  x_adv = load_crafted(upstream(config, workdir), len(train_set))
   classifier = factory.classifier(config, train_set.num_classes)
   classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
   train = config.denoiser

@@ -13,6 +13,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.stages = ALL_STAGES  # any comma-separated subset, run in pipeline order
+  # A finished run's workdir whose classifier checkpoint and crafted set this run reuses
+  # (ablations: only the denoiser changes); train_classifier and craft are then not run here.
+  config.upstream_workdir = ""
   config.log_every_steps = 50
   # Compute dtype of the train steps: float32 or bfloat16 (parameters and optimiser state stay
   # float32). Crafting, attacks and evaluation always run in float32.
@@ -38,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.width = 1.0  # channel multiplier
   config.model.depth = 28  # wrn only
   config.model.widen_factor = 10  # wrn only
+  # gap_dense (CAM's head) | flatten_mlp (flatten + two dense layers: needs caf.weights=gradcam*)
+  config.model.head = "gap_dense"
   config.model.mean = (0.4914, 0.4822, 0.4465)  # input normalisation inside the classifier
   config.model.std = (0.2470, 0.2435, 0.2616)
 
@@ -60,6 +65,11 @@ def get_config() -> ml_collections.ConfigDict:
   # The reference code trains the denoiser on plain last-layer features (its CAF variant).
   config.caf.loss_kind = "features"
   config.caf.class_source = "prediction"  # prediction | label
+  # Class weights of the CAF: cam (dense kernel of a GAP + dense head) | gradcam | gradcampp.
+  config.caf.weights = "cam"
+  # Where the features are read: "MODULE_PATH" (its output) or "MODULE_PATH:input"; the
+  # default is what the head pools. cam needs the default; gradcam* take any layer.
+  config.caf.feature_layer = "head:input"
 
   config.craft = ml_collections.ConfigDict()  # CAF adversarial examples for the denoiser
   config.craft.num_examples = 0  # 0 = the whole training split

@@ -28,6 +28,10 @@ def _min_max_numpy(maps):
   return (maps - low) / (high - low + 1e-8)
 
 
+def _weights(kernel, labels):
+  return cam.class_weights(jnp.asarray(kernel), jnp.asarray(labels))
+
+
 @pytest.fixture()
 def example():
   rng = np.random.default_rng(0)
@@ -41,8 +45,8 @@ def test_cam_matches_numpy(example):
   features, kernel, labels = example
   expected = np.maximum(np.einsum("bhwc,cb->bhw", features, kernel[:, labels]), 0)
   expected = _bilinear_numpy(_min_max_numpy(expected), 32)
-  got = cam.class_activation_features(jnp.asarray(features), jnp.asarray(kernel),
-                                      jnp.asarray(labels), "cam", (32, 32))
+  got = cam.class_activation_features(jnp.asarray(features), _weights(kernel, labels), "cam",
+                                      (32, 32))
   assert got.shape == (3, 32, 32)
   np.testing.assert_allclose(got, expected, atol=1e-5)
   assert float(got.min()) >= 0 and float(got.max()) <= 1 + 1e-6
@@ -52,41 +56,47 @@ def test_weighted_features_match_numpy(example):
   features, kernel, labels = example
   weighted = np.maximum(features * kernel[:, labels].T[:, None, None, :], 0)
   expected = _bilinear_numpy(_min_max_numpy(weighted), 16)
-  got = cam.class_activation_features(jnp.asarray(features), jnp.asarray(kernel),
-                                      jnp.asarray(labels), "weighted_features", (16, 16))
+  got = cam.class_activation_features(jnp.asarray(features), _weights(kernel, labels),
+                                      "weighted_features", (16, 16))
   assert got.shape == (3, 16, 16, 6)
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_plain_features_are_upsampled_only(example):
-  features, kernel, labels = example
-  got = cam.class_activation_features(jnp.asarray(features), jnp.asarray(kernel),
-                                      jnp.asarray(labels), "features", (8, 8))
+  features, _, _ = example
+  got = cam.class_activation_features(jnp.asarray(features), None, "features", (8, 8))
   np.testing.assert_allclose(got, _bilinear_numpy(features, 8), atol=1e-5)
 
 
 def test_class_source_prediction_uses_argmax(example):
   features, kernel, _ = example
   logits = jnp.asarray(np.eye(5, dtype=np.float32)[[2, 2, 1]])
-  features_fn = lambda images: (logits, jnp.asarray(features))
+  tapped_apply = lambda images, perturbation=None: (logits, jnp.asarray(features))
   images = jnp.zeros((3, 32, 32, 3))
-  by_prediction = cam.make_caf_fn(features_fn, jnp.asarray(kernel), "cam", "prediction")
-  by_label = cam.make_caf_fn(features_fn, jnp.asarray(kernel), "cam", "label")
+  by_prediction = cam.make_caf_fn(tapped_apply, "cam", "prediction", head_kernel=jnp.asarray(kernel))
+  by_label = cam.make_caf_fn(tapped_apply, "cam", "label", head_kernel=jnp.asarray(kernel))
   np.testing.assert_allclose(by_prediction(images, jnp.array([0, 0, 0])),
                              by_label(images, jnp.array([2, 2, 1])), atol=1e-6)
 
 
-def test_bad_kind_and_class_source_raise():
+def test_bad_kind_class_source_and_weights_raise():
+  tapped_apply = lambda images, perturbation=None: images
   with pytest.raises(ValueError, match="caf kind"):
-    cam.make_caf_fn(lambda x: x, jnp.zeros((2, 2)), "gradcam")
+    cam.make_caf_fn(tapped_apply, "gradcam")
   with pytest.raises(ValueError, match="class_source"):
-    cam.make_caf_fn(lambda x: x, jnp.zeros((2, 2)), "cam", "random")
+    cam.make_caf_fn(tapped_apply, "cam", "random")
+  with pytest.raises(ValueError, match="caf.weights"):
+    cam.make_caf_fn(tapped_apply, "cam", "label", weights="scorecam")
+  with pytest.raises(ValueError, match="GAP \\+ dense"):
+    cam.make_caf_fn(tapped_apply, "cam", "label", weights="cam")  # no head kernel
 
 
 def test_caf_is_differentiable_in_the_input(example):
   features, kernel, labels = example
-  features_fn = lambda images: (jnp.zeros((3, 5)), jnp.asarray(features) * jnp.mean(images))
-  caf_fn = cam.make_caf_fn(features_fn, jnp.asarray(kernel), "weighted_features", "label")
+  tapped_apply = lambda images, perturbation=None: (jnp.zeros((3, 5)),
+                                                    jnp.asarray(features) * jnp.mean(images))
+  caf_fn = cam.make_caf_fn(tapped_apply, "weighted_features", "label",
+                           head_kernel=jnp.asarray(kernel))
   grad = jax.grad(lambda x: jnp.sum(caf_fn(x, jnp.asarray(labels)) ** 2))(
       jnp.full((3, 8, 8, 3), 0.5))
   assert np.all(np.isfinite(np.asarray(grad)))

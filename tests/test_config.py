@@ -57,6 +57,12 @@ def test_reference_hyper_parameters():
     ("denoiser.learning_rate", -1.0, "config.denoiser.learning_rate"),
     ("caf.loss_kind", "gradcam", "config.caf.loss_kind"),
     ("caf.class_source", "oracle", "config.caf.class_source"),
+    ("caf.weights", "scorecam", "config.caf.weights"),
+    ("caf.feature_layer", ":input", "config.caf.feature_layer"),
+    ("caf.feature_layer", "BasicBlock_3", "config.caf.weights=cam"),  # cam: head input only
+    ("model.head", "flatten_mlp", "config.caf.weights=cam"),  # no GAP + dense head for CAM
+    ("model.head", "attention", "config.model.head"),
+    ("upstream_workdir", "runs/quickstart", "config.upstream_workdir"),  # with all stages
     ("eval.attacks", "pgd,jsma", "config.eval.attacks"),
     ("eval.defenses", "randomized_smoothing", "config.eval.defenses"),
     ("eval.threat_models", "unseen,black_box", "config.eval.threat_models"),

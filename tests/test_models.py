@@ -115,6 +115,36 @@ def test_tiny_map_convolution_as_matmul_matches_lax(spatial, strides, padding, k
     assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
 
 
+@pytest.mark.parametrize("spatial, strides, padding, kernel_size", [
+    (8, 1, ((1, 1), (1, 1)), 3),  # VGG / U-Net / ResNet 3x3 convolution
+    (16, 2, "SAME", 3),  # a downsampling conv: 8x8 output
+    (17, 2, ((0, 1), (2, 0)), 3),  # odd size, uneven padding
+    (16, 2, "VALID", 1),  # a ResNet 1x1 shortcut
+])
+def test_large_map_kernel_gradient_by_rows_matches_lax(spatial, strides, padding, kernel_size):
+  from cafd_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, spatial, spatial, 5))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 5, 6))
+  dimensions = ("NHWC", "HWIO", "NHWC")
+
+  def loss(conv, x, kernel):
+    return jnp.sum(jnp.sin(conv(x, kernel, (strides, strides), padding,
+                                dimension_numbers=dimensions)))
+
+  def input_gradient_norm(conv, x, kernel):  # second order, as Grad-CAM attacks need
+    return jnp.sum(jax.grad(loss, 1)(conv, x, kernel) ** 2)
+
+  for objective in (loss, input_gradient_norm):
+    want = jax.grad(functools.partial(objective, jax.lax.conv_general_dilated), (0, 1))(x, kernel)
+    got = jax.grad(functools.partial(objective, layers.conv_general_dilated), (0, 1))(x, kernel)
+    for got_grad, want_grad in zip(got, want):
+      np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
+  if jax.default_backend() == "cpu":  # the CPU path really is the custom gradient
+    jaxpr = str(jax.make_jaxpr(lambda a, b: layers.conv_general_dilated(
+        a, b, (strides, strides), padding, dimension_numbers=dimensions))(x, kernel))
+    assert "custom_vjp" in jaxpr
+
+
 def test_resnet_parameter_names_are_those_of_nn_conv():
   model = models.create_classifier("resnet18", num_classes=10, width=0.125)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cafd_jax.models.common import head_kernel
+from cafd_jax.models.common import HEADS, has_gap_dense_head, head_kernel
 from cafd_jax.models.discriminator import Discriminator
 from cafd_jax.models.resnet import DEPTHS as RESNET_DEPTHS, ResNet
 from cafd_jax.models.unet import UNetDenoiser
@@ -14,11 +14,14 @@ CLASSIFIERS = tuple(VGG_LAYOUTS) + tuple(RESNET_DEPTHS) + ("wrn",)
 
 
 def create_classifier(name: str, *, num_classes: int, width: float = 1.0, mean=None, std=None,
-                      depth: int = 28, widen_factor: int = 10,
+                      depth: int = 28, widen_factor: int = 10, head: str = "gap_dense",
                       dtype: jnp.dtype = jnp.float32) -> nn.Module:
   """Builds a classifier from the zoo by name (see ``CLASSIFIERS``). ``dtype`` is the compute
-  dtype (parameters stay float32; the logits are float32)."""
-  kwargs = dict(num_classes=num_classes, width=width, dtype=dtype)
+  dtype (parameters stay float32; the logits are float32). ``head``: ``gap_dense`` (CAM's GAP +
+  dense) or ``flatten_mlp`` (flatten + two dense layers; needs Grad-CAM weights)."""
+  if head not in HEADS:
+    raise ValueError(f"model.head must be one of {HEADS}, got {head!r}.")
+  kwargs = dict(num_classes=num_classes, width=width, head=head, dtype=dtype)
   if mean is not None:
     kwargs.update(mean=tuple(mean), std=tuple(std))
   if name in VGG_LAYOUTS:
@@ -31,4 +34,5 @@ def create_classifier(name: str, *, num_classes: int, width: float = 1.0, mean=N
   raise ValueError(f"model.name must be one of {CLASSIFIERS}, got {name!r}.")
 
 
-__all__ = ["CLASSIFIERS", "Discriminator", "UNetDenoiser", "create_classifier", "head_kernel"]
+__all__ = ["CLASSIFIERS", "HEADS", "Discriminator", "UNetDenoiser", "create_classifier",
+           "has_gap_dense_head", "head_kernel"]

@@ -1,4 +1,4 @@
-"""Pieces shared by the classifiers: input normalisation and the GAP + dense head."""
+"""Pieces shared by the classifiers: input normalisation and the heads."""
 
 from typing import Sequence
 
@@ -8,6 +8,7 @@ from flax import linen as nn
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 HEAD_NAME = "head"
+HEADS = ("gap_dense", "flatten_mlp")
 
 
 def scaled(channels: int, width: float) -> int:
@@ -31,6 +32,36 @@ class GapDenseHead(nn.Module):
     return nn.Dense(self.num_classes, name="dense", dtype=jnp.float32)(pooled)
 
 
+class FlattenMlpHead(nn.Module):
+  """Flatten, dense + ReLU, dense: a head CAM cannot explain (Grad-CAM can)."""
+
+  num_classes: int
+  hidden: int = 256
+
+  @nn.compact
+  def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
+    flat = features.reshape(features.shape[0], -1)
+    hidden = nn.relu(nn.Dense(self.hidden, name="hidden", dtype=jnp.float32)(flat))
+    return nn.Dense(self.num_classes, name="output", dtype=jnp.float32)(hidden)
+
+
+def make_head(name: str, num_classes: int) -> nn.Module:
+  """The classifier head by name (see ``HEADS``), always called ``HEAD_NAME``."""
+  if name == "gap_dense":
+    return GapDenseHead(num_classes, name=HEAD_NAME)
+  if name == "flatten_mlp":
+    return FlattenMlpHead(num_classes, name=HEAD_NAME)
+  raise ValueError(f"model.head must be one of {HEADS}, got {name!r}.")
+
+
+def has_gap_dense_head(params) -> bool:
+  """Whether the classifier's head is GAP + one dense layer (CAM's requirement)."""
+  return set(params.get(HEAD_NAME, {})) == {"dense"}
+
+
 def head_kernel(params) -> jnp.ndarray:
-  """The final dense kernel [channels, classes] of any classifier in the zoo."""
+  """The final dense kernel [channels, classes] of a GAP + dense head."""
+  if not has_gap_dense_head(params):
+    raise ValueError("CAM weights need a GAP + dense head (model.head=gap_dense); use "
+                     "caf.weights=gradcam or gradcampp for this classifier.")
   return params[HEAD_NAME]["dense"]["kernel"]

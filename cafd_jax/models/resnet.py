@@ -64,6 +64,7 @@ class ResNet(nn.Module):
   mean: Sequence[float] = common.CIFAR10_MEAN
   std: Sequence[float] = common.CIFAR10_STD
   dtype: jnp.dtype = jnp.float32
+  head: str = "gap_dense"  # see common.HEADS
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -77,5 +78,5 @@ class ResNet(nn.Module):
         strides = 2 if stage > 0 and index == 0 else 1
         h = block_cls(channels, strides, dtype=self.dtype)(h, train)
     features = h.astype(jnp.float32)
-    logits = common.GapDenseHead(self.num_classes, name=common.HEAD_NAME)(features)
+    logits = common.make_head(self.head, self.num_classes)(features)
     return (logits, features) if return_features else logits

@@ -16,27 +16,44 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cafd_jax import cam, losses, models
+from cafd_jax.models import taps
 from cafd_jax.train import common
 
 DenoiserStates = tuple[common.TrainState, common.TrainState]
 
 
+def caf_options(caf_config, kind: str) -> dict:
+  """The ``classifier_caf_fn`` keywords of ``config.caf`` for one CAF kind."""
+  return dict(kind=kind, class_source=caf_config.class_source, weights=caf_config.weights,
+              feature_layer=caf_config.feature_layer)
+
+
 def classifier_caf_fn(classifier: nn.Module, classifier_variables: dict, kind: str,
-                      class_source: str) -> cam.CafFn:
-  """CAF of a frozen classifier (inference-mode BatchNorm)."""
-  features_fn = lambda images: classifier.apply(classifier_variables, images, return_features=True)
-  return cam.make_caf_fn(features_fn, models.head_kernel(classifier_variables["params"]), kind,
-                         class_source)
+                      class_source: str, weights: str = "cam",
+                      feature_layer: str = taps.DEFAULT_LAYER) -> cam.CafFn:
+  """CAF of a frozen classifier (inference-mode BatchNorm) at ``feature_layer``."""
+  params = classifier_variables["params"]
+  head_kernel = None
+  if kind != "features" and weights == "cam":
+    if feature_layer != taps.DEFAULT_LAYER:
+      raise ValueError(f"caf.weights=cam weighs the features at {taps.DEFAULT_LAYER!r}; use "
+                       f"gradcam or gradcampp for caf.feature_layer={feature_layer!r}.")
+    head_kernel = models.head_kernel(params)
+  tapped_apply = taps.tapped_apply_fn(classifier, classifier_variables, feature_layer)
+  return cam.make_caf_fn(tapped_apply, kind, class_source, weights, head_kernel)
 
 
 def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
-                    caf_weight: float, gan_weight: float) -> Callable:
-  """A jitted ``step(states, classifier_variables, x_adv, x_natural, labels)``."""
+                    caf_weight: float, gan_weight: float, weights: str = "cam",
+                    feature_layer: str = taps.DEFAULT_LAYER) -> Callable:
+  """A jitted ``step(states, classifier_variables, x_adv, x_natural, labels)``; ``weights`` and
+  ``feature_layer`` choose the CAF's class weights and features (``classifier_caf_fn``)."""
 
   def step(states: DenoiserStates, classifier_variables: dict, x_adv: jnp.ndarray,
            x_natural: jnp.ndarray, labels: jnp.ndarray) -> tuple[DenoiserStates, dict]:
     denoiser_state, disc_state = states
-    caf_fn = classifier_caf_fn(classifier, classifier_variables, caf_kind, class_source)
+    caf_fn = classifier_caf_fn(classifier, classifier_variables, caf_kind, class_source, weights,
+                               feature_layer)
     natural_caf = jax.lax.stop_gradient(caf_fn(x_natural, labels))
     real_logits = disc_state.apply_fn({"params": disc_state.params}, x_natural)
 
