@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from cafd_jax import factory
+from cafd_jax.models import layers
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import denoiser as denoiser_train
 from configs import base
@@ -117,7 +118,7 @@ def torch_steps(model: str, batch_size: int, device: str) -> dict[str, Callable[
 
 
 def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, repeats: int,
-            with_torch: bool = True) -> list[dict]:
+            with_torch: bool = True, benchmarks: tuple[str, ...] = BENCHMARKS) -> list[dict]:
   """One row per (model, benchmark): img/s of JAX and PyTorch and their ratio."""
   rows = []
   torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
@@ -128,7 +129,7 @@ def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, re
       import torch  # pylint: disable=g-import-not-at-top
       sync = (lambda value: torch.cuda.synchronize()) if torch_device == "cuda" else (
           lambda value: value)
-    for name in BENCHMARKS:
+    for name in benchmarks:
       row = {"model": model, "benchmark": name, "batch_size": batch_size, "dtype": dtype,
              "device": str(jax.devices()[0].device_kind)}
       row["jax_img_s"] = batch_size / _median_seconds(ours[name], warmup, repeats,
@@ -156,14 +157,22 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--no_torch", action="store_true", help="time this project only")
+  parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="a subset to time")
+  parser.add_argument("--min_row_grad_pixels", type=int, default=0,
+                      help="override layers.MIN_ROW_GRAD_PIXELS (CPU kernel-gradient switch)")
   parser.add_argument("--out", default="", help="also write the rows to this JSON file")
   args = parser.parse_args()
+  benchmarks = tuple(args.benchmarks.split(","))
+  if not set(benchmarks) <= set(BENCHMARKS):
+    parser.error(f"--benchmarks: choose from {','.join(BENCHMARKS)}")
+  if args.min_row_grad_pixels:
+    layers.MIN_ROW_GRAD_PIXELS = args.min_row_grad_pixels
   if jax.default_backend() == "cpu":
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(os.cpu_count() or 1)
   print(f"devices {jax.devices()}  batch {args.batch_size}  dtype {args.dtype}", flush=True)
   rows = measure(args.models.split(","), args.batch_size, args.dtype, args.warmup, args.repeats,
-                 not args.no_torch)
+                 not args.no_torch, benchmarks)
   if args.out:
     with open(args.out, "w") as file:
       json.dump(rows, file, indent=2)

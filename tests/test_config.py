@@ -46,6 +46,21 @@ def test_reference_hyper_parameters():
   assert (config.craft.eps, config.craft.step_size, config.craft.steps) == (8 / 255, 0.01, 100)
 
 
+@pytest.mark.parametrize("base", ["quickstart", "cifar10_cpu"])
+def test_every_ablation_variant_validates(base):
+  from configs import ablations  # pylint: disable=g-import-not-at-top
+  seen = set()
+  for variant in ablations.VARIANTS:
+    config = ablations.get_config(f"{base},{variant}")
+    config.upstream_workdir = "runs/" + base
+    config_checks.validate(config)
+    seen.add((config.caf.loss_kind, config.caf.weights, config.caf.feature_layer,
+              config.denoiser.gan_weight, config.eval.defenses))
+  assert len(seen) == len(ablations.VARIANTS)  # every variant changes something
+  with pytest.raises(ValueError, match="variant"):
+    ablations.get_config(f"{base},no_such_variant")
+
+
 @pytest.mark.parametrize("field, value, needle", [
     ("stages", "train,evaluate", "config.stages"),
     ("stages", "", "config.stages"),

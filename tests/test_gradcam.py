@@ -109,8 +109,7 @@ def test_cam_weights_refuse_an_mlp_head_and_other_layers():
     denoiser_train.classifier_caf_fn(model, variables, "cam", "label", "cam", "Conv3x3_2")
 
 
-@pytest.mark.parametrize("weights, head, layer", [
-    ("cam", "gap_dense", taps.DEFAULT_LAYER),
+@pytest.mark.parametrize("weights, head, layer", [  # cam: tests/test_train.py, test_attacks.py
     ("gradcam", "flatten_mlp", taps.DEFAULT_LAYER),
     ("gradcampp", "gap_dense", "Conv3x3_2:input"),  # an earlier layer: 8x8 maps, 16 channels
 ])

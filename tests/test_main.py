@@ -190,6 +190,30 @@ def test_baselines_transfer_figures_and_report_rebuild(finished_run, tmp_path):
     assert (copy / "figures" / name).stat().st_size > 1000, name
 
 
+def test_upstream_workdir_shares_classifier_and_crafted_set_with_gradcampp(finished_run,
+                                                                          tmp_path):
+  """An ablation run: only the denoiser is new, with Grad-CAM++ CAF at an earlier layer."""
+  workdir, _ = finished_run
+  ablation = tmp_path / "ablations" / "gradcampp"  # a variant name of configs/ablations.py
+  result = _main(ablation, "--config.stages=train_denoiser,evaluate",
+                 f"--config.upstream_workdir={workdir}", "--config.caf.loss_kind=weighted_features",
+                 "--config.caf.weights=gradcampp", "--config.caf.feature_layer=Conv3x3_2:input",
+                 "--config.eval.attacks=none,pgd")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert not (ablation / "checkpoints" / "classifier").exists() and not (ablation / "craft").exists()
+  assert os.listdir(ablation / "checkpoints" / "denoiser")
+
+  def accuracy(path, attack, defense):
+    rows = json.loads((path / "report.json").read_text())["results"]
+    return next(r["accuracy"] for r in rows if (r["attack"], r["defense"], r["threat_model"])
+                == (attack, defense, "unseen"))
+  assert accuracy(ablation, "none", "none") == accuracy(workdir, "none", "none")  # same classifier
+  assert accuracy(ablation, "pgd", "none") == accuracy(workdir, "pgd", "none")
+  from cafd_jax import ablations  # pylint: disable=g-import-not-at-top
+  table = ablations.table(str(tmp_path / "ablations"))
+  assert table.count("\n") == 2 and "| gradcampp | cafd |" in table
+
+
 def test_report_stage_without_a_report_fails_cleanly(tmp_path):
   result = _main(tmp_path / "empty", "--config.stages=report")
   assert result.returncode == 2
