@@ -132,17 +132,17 @@ def make_caf_fn(tapped_apply: taps.TappedApply, kind: str, class_source: str = "
     output_size = images.shape[1:3]
     if kind == "features" or weights == "cam":
       logits, features = tapped_apply(images, None)
-      class_weights_ = None if kind == "features" else class_weights(
+      example_weights = None if kind == "features" else class_weights(
           head_kernel, classes_of(logits, labels))
-      return class_activation_features(features, class_weights_, kind, output_size)
+      return class_activation_features(features, example_weights, kind, output_size)
     feature_shape = jax.eval_shape(lambda x: tapped_apply(x, None), images)[1]
     (logits, features), pullback = jax.vjp(
         lambda perturbation: tapped_apply(images, perturbation),
         jnp.zeros(feature_shape.shape, feature_shape.dtype))
     scores = jax.nn.one_hot(classes_of(logits, labels), logits.shape[-1], dtype=logits.dtype)
     (gradients,) = pullback((scores, jnp.zeros_like(features)))  # d logit_y / d features
-    class_weights_ = (gradcam_weights(gradients) if weights == "gradcam"
+    example_weights = (gradcam_weights(gradients) if weights == "gradcam"
                       else gradcampp_weights(features, gradients))
-    return class_activation_features(features, class_weights_, kind, output_size)
+    return class_activation_features(features, example_weights, kind, output_size)
 
   return caf
