@@ -55,7 +55,7 @@ def _as_matmul(x, kernel, strides, padding):
   out_w = (padded.shape[2] - kernel_w) // strides[1] + 1
   patches = jnp.concatenate(
       [_row_patches(padded, row, kernel_w, strides, out_h, out_w) for row in range(kernel_h)],
-      axis=-1) if kernel_h > 1 else _row_patches(padded, 0, kernel_w, strides, out_h, out_w)
+      axis=-1)
   return jnp.einsum("bhwk,ko->bhwo", patches,
                     kernel.reshape(kernel_h * kernel_w * in_features, out_features))
 
