@@ -146,7 +146,10 @@ def test_success_rate_grows_with_eps(tiny, name):
   errors = [1.0 - _accuracy(model, _run(name, model, x, y, jax.random.key(0), eps,
                                             **static), y)
             for eps in sweep]
-  assert errors == sorted(errors), errors
+  # One FGSM step is a linearisation: a larger step can overshoot, so its error may dip by an
+  # image or two between budgets; the iterative attacks must not lose any ground.
+  allowed_dip = 2 / len(y) if name == "fgsm" else 0.0
+  assert all(b >= a - allowed_dip for a, b in zip(errors, errors[1:])), errors
   assert errors[-1] >= errors[0] + 0.3, errors
 
 
