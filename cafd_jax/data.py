@@ -45,11 +45,16 @@ class Dataset:
     images: float32 [N, H, W, 3] in [0, 1].
     labels: int32 [N], indices into `class_names`.
     class_names: one name per class, in label order.
+    shard: (index, count): these are examples index, index + count, ... of a set of
+      `global_size` examples ((0, 1): the whole set).
+    global_size: the size of that whole set (None: len(self)).
   """
 
   images: np.ndarray
   labels: np.ndarray
   class_names: tuple[str, ...]
+  shard: tuple[int, int] = (0, 1)
+  global_size: int | None = None
 
   def __post_init__(self) -> None:
     if self.images.ndim != 4 or self.images.shape[-1] != 3:
@@ -61,16 +66,34 @@ class Dataset:
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  @property
+  def num_global(self) -> int:
+    """The size of the whole set this one is a shard of."""
+    return len(self) if self.global_size is None else self.global_size
+
   def __len__(self) -> int:
     return int(self.labels.shape[0])
 
   def take(self, n: int | None) -> Dataset:
-    """The first `n` examples (all of them when `n` is None)."""
+    """The first `n` examples of the whole set (all when None), as far as this shard holds them."""
     if n is None:
       return self
     if n < 0:
       raise DataError(f"take() needs a count >= 0, got {n}")
-    return Dataset(self.images[:n], self.labels[:n], self.class_names)
+    total = min(n, self.num_global)
+    local = len(range(self.shard[0], total, self.shard[1]))
+    return Dataset(self.images[:local], self.labels[:local], self.class_names, self.shard,
+                   None if self.shard == (0, 1) else total)
+
+  def select_shard(self, shard: tuple[int, int] | None) -> Dataset:
+    """Examples index, index + count, ... of this (whole) set: one process's shard."""
+    if shard is None or tuple(shard) == (0, 1):
+      return self
+    index, count = shard
+    if self.shard != (0, 1) or not 0 <= index < count:
+      raise DataError(f"cannot take shard {shard} of shard {self.shard}; shard a whole set once")
+    return Dataset(self.images[index::count], self.labels[index::count], self.class_names,
+                   (index, count), len(self))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -92,14 +115,15 @@ def parse_source(source: str) -> tuple[str, str]:
 
 
 def load_split(source: str, split: str, *, image_size: int = 32, num_examples: int | None = None,
-               seed: int = 0) -> Dataset:
+               seed: int = 0, shard: tuple[int, int] | None = None) -> Dataset:
   """Loads the "train" or "test" split of a data source (see the module docstring).
 
   Folder and tfds examples come in a seeded, class-interleaved order, so every
   prefix (`num_examples`, `Dataset.take`) is class-balanced to within one example
   per class; `num_examples` beyond the split size gives the whole split. The
   synthetic source needs `num_examples` and draws train and test from different
-  seeds derived from `seed`.
+  seeds derived from `seed`. `shard=(index, count)` keeps examples index, index + count, ...
+  of that order (`Dataset.select_shard`), and a folder source decodes only their files.
   """
   kind, arg = parse_source(source)
   if split not in SPLITS:
@@ -109,10 +133,10 @@ def load_split(source: str, split: str, *, image_size: int = 32, num_examples: i
   if kind == "synthetic":
     if num_examples is None:
       raise DataError("the synthetic source needs num_examples; pass e.g. num_examples=4000")
-    return make_synthetic(num_examples, _split_seed(seed, split), image_size)
+    return make_synthetic(num_examples, _split_seed(seed, split), image_size).select_shard(shard)
   if kind == "folder":
-    return _load_folder(Path(arg), split, image_size, num_examples, seed)
-  return _load_tfds(arg, split, image_size, num_examples, seed)
+    return _load_folder(Path(arg), split, image_size, num_examples, seed, shard)
+  return _load_tfds(arg, split, image_size, num_examples, seed).select_shard(shard)
 
 
 def _split_seed(seed: int, split: str) -> int:
@@ -212,11 +236,17 @@ def _decode_files(files: Sequence[Path], image_size: int) -> np.ndarray:
 
 
 def _load_folder(root: Path, split: str, image_size: int, num_examples: int | None,
-                 seed: int) -> Dataset:
+                 seed: int, shard: tuple[int, int] | None = None) -> Dataset:
   files, labels, class_names = _list_folder(root, split)
   index = _select(labels, len(class_names), num_examples, seed)
-  images = _decode_files([files[i] for i in index], image_size)
-  return Dataset(_to_float(images), labels[index], class_names)
+  if shard is None or tuple(shard) == (0, 1):
+    images = _decode_files([files[i] for i in index], image_size)
+    return Dataset(_to_float(images), labels[index], class_names)
+  if not 0 <= shard[0] < shard[1]:
+    raise DataError(f"shard {shard} must be (index, count) with 0 <= index < count")
+  local = index[shard[0]::shard[1]]  # decode this shard's files only
+  images = _decode_files([files[i] for i in local], image_size)
+  return Dataset(_to_float(images), labels[local], class_names, tuple(shard), len(index))
 
 
 # ----------------------------------------------------------------------------- tfds

@@ -8,10 +8,12 @@
   report           -> report.md and figures rebuilt from DIR/report.json, nothing recomputed
 """
 
+import collections
 import glob
 import json
 import os
 import time
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -54,9 +56,22 @@ def _count(value: int) -> int | None:
   return value or None
 
 
-def load_data(config: ml_collections.ConfigDict, split: str, num_examples: int) -> data.Dataset:
+def load_data(config: ml_collections.ConfigDict, split: str, num_examples: int,
+              shard: tuple[int, int] | None = None) -> data.Dataset:
   return data.load_split(config.data.source, split, image_size=config.data.image_size,
-                         num_examples=_count(num_examples), seed=config.seed)
+                         num_examples=_count(num_examples), seed=config.seed, shard=shard)
+
+
+def train_shard(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """This process's shard of the training data with ``data.shard_per_process``, else None."""
+  if not config.data.get("shard_per_process", False) or jax.process_count() == 1:
+    return None
+  return jax.process_index(), jax.process_count()
+
+
+def _global_size(dataset: data.Dataset) -> int | None:
+  """``loop.fit``'s ``global_size``: set when ``dataset`` is one process's shard."""
+  return None if dataset.shard == (0, 1) else dataset.num_global
 
 
 def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -99,14 +114,14 @@ def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Da
                      mesh) -> None:
   train = config.classifier
   state = factory.classifier_state(config, train_set.num_classes, _stage_key(config, "train_classifier"),
-                                   _steps_per_epoch(len(train_set), train.batch_size),
+                                   _steps_per_epoch(train_set.num_global, train.batch_size),
                                    factory.training_dtype(config))
   state = loop.fit(stage="train_classifier", state=state,
                    step_fn=classifier_train.make_step_fn(train.augment, train.accumulation_steps),
                    arrays=(train_set.images, train_set.labels), batch_size=train.batch_size,
                    num_epochs=train.num_epochs, key=_stage_key(config, "train_classifier"),
                    checkpoint_dir=os.path.join(workdir, CLASSIFIER_DIR), workdir=workdir,
-                   **_fit_options(config, mesh))
+                   global_size=_global_size(train_set), **_fit_options(config, mesh))
   classifier = factory.classifier(config, train_set.num_classes)  # float32, as evaluation
   classify = evaluate.bind(jax.jit(classifier.apply),
                            parallel.to_host(common.variables_of(state)))
@@ -123,12 +138,21 @@ def _craft_settings(config) -> dict:
   for name, default in (("weights", "cam"), ("feature_layer", taps.DEFAULT_LAYER)):
     if settings[name] == default:  # as written before these options existed
       del settings[name]
+  if train_shard(config):  # each process crafts its own shard: other files, other keys
+    settings["process_shards"] = jax.process_count()
   return settings
+
+
+def _chunk_path(directory: str, chunk: int, shard: tuple[int, int]) -> str:
+  if shard == (0, 1):
+    return os.path.join(directory, f"chunk_{chunk:05d}.npy")
+  return os.path.join(directory, f"shard_{shard[0]:05d}of{shard[1]:05d}_chunk_{chunk:05d}.npy")
 
 
 def craft(config, workdir, train_set: data.Dataset) -> None:
   """CAF adversarial examples of the denoiser's training set, saved chunk by chunk; processes
-  take the chunks round-robin, each splitting its chunks over its own devices."""
+  take the chunks round-robin (or, given only their shard of the data, craft all of it), each
+  splitting its chunks over its own devices."""
   directory = os.path.join(workdir, CRAFT_DIR)
   settings_path = os.path.join(directory, "settings.json")
   settings = _craft_settings(config)
@@ -149,14 +173,15 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
   batch_size, key = config.craft.batch_size, _stage_key(config, "craft")
   num_chunks = -(-len(train_set) // batch_size)
   start_time, done_now = time.perf_counter(), 0
+  shard_index, num_shards = train_set.shard  # (0, 1) unless this process holds only its shard
   for chunk in range(num_chunks):
-    path = os.path.join(directory, f"chunk_{chunk:05d}.npy")
-    if os.path.exists(path) or not parallel.owns(chunk):
+    path = _chunk_path(directory, chunk, train_set.shard)
+    if os.path.exists(path) or not (num_shards > 1 or parallel.owns(chunk)):
       continue
     (images, labels), count = parallel.put_local_batch(
         (train_set.images[chunk * batch_size:(chunk + 1) * batch_size],
          train_set.labels[chunk * batch_size:(chunk + 1) * batch_size]), mesh)
-    x_adv = attack(images, labels, jax.random.fold_in(key, chunk))
+    x_adv = attack(images, labels, jax.random.fold_in(key, chunk * num_shards + shard_index))
     io_utils.write_npy(path, np.asarray(x_adv)[:count])
     done_now += count
     rate = done_now / (time.perf_counter() - start_time)
@@ -166,24 +191,53 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
   parallel.barrier("craft done")  # every process's chunks are written
 
 
-def load_crafted(workdir: str, num_examples: int) -> np.ndarray:
-  """The crafted adversarial training set, in training-set order."""
-  paths = sorted(glob.glob(os.path.join(workdir, CRAFT_DIR, "chunk_*.npy")))
-  crafted = np.concatenate([np.load(path) for path in paths]) if paths else np.zeros((0,))
-  if len(crafted) != num_examples:
+def _crafted_files(directory: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Each crafted chunk file with the training-set indices of its rows, in file order."""
+  whole = sorted(glob.glob(os.path.join(directory, "chunk_*.npy")))
+  sharded = sorted(glob.glob(os.path.join(directory, "shard_*of*_chunk_*.npy")))
+  offsets = collections.Counter()  # rows seen so far per (whole set | process shard)
+  for path in whole + sharded:
+    rows = len(np.load(path, mmap_mode="r"))
+    if path in whole:
+      shard = (0, 1)
+    else:
+      index, count = os.path.basename(path)[len("shard_"):].split("_chunk_")[0].split("of")
+      shard = (int(index), int(count))
+    local = np.arange(offsets[shard], offsets[shard] + rows)
+    offsets[shard] += rows
+    yield path, shard[0] + shard[1] * local
+
+
+def load_crafted(workdir: str, dataset: data.Dataset) -> np.ndarray:
+  """The crafted adversarial examples of ``dataset`` (the whole set or one process's shard), in
+  its order, from chunks written by one process, several, or several with their own shards."""
+  directory = os.path.join(workdir, CRAFT_DIR)
+  (index, count), total = dataset.shard, dataset.num_global
+  crafted, found, size = None, np.zeros(len(dataset), bool), 0
+  for path, indices in _crafted_files(directory):
+    size = max(size, int(indices.max(initial=-1)) + 1)
+    mine = (indices % count == index) & (indices < total)
+    if mine.any():
+      chunk = np.load(path, mmap_mode="r")
+      if crafted is None:
+        crafted = np.empty((len(dataset),) + chunk.shape[1:], chunk.dtype)
+      slots = (indices[mine] - index) // count
+      crafted[slots], found[slots] = chunk[mine], True
+  if crafted is None or not found.all() or size != total:
     raise checkpoint.CheckpointError(
-        f"{os.path.join(workdir, CRAFT_DIR)} holds {len(crafted)} of {num_examples} crafted "
-        f"examples; run the craft stage first with the same --workdir.")
+        f"{directory} holds crafted examples for a set of {size} with {int(found.sum())} of the "
+        f"{len(dataset)} this process needs (of {total}); run the craft stage first with the "
+        f"same --workdir.")
   return crafted
 
 
 def train_denoiser(config, workdir, train_set: data.Dataset, mesh) -> None:
-  x_adv = load_crafted(upstream(config, workdir), len(train_set))
+  x_adv = load_crafted(upstream(config, workdir), train_set)
   classifier = factory.classifier(config, train_set.num_classes)
   classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
   train = config.denoiser
   states = factory.denoiser_states(config, _stage_key(config, "train_denoiser"),
-                                   _steps_per_epoch(len(train_set), train.batch_size),
+                                   _steps_per_epoch(train_set.num_global, train.batch_size),
                                    factory.training_dtype(config))
   options = denoiser_train.caf_options(config.caf, config.caf.loss_kind)
   step = denoiser_train.make_train_step(
@@ -194,7 +248,7 @@ def train_denoiser(config, workdir, train_set: data.Dataset, mesh) -> None:
            batch_size=train.batch_size, num_epochs=train.num_epochs,
            key=_stage_key(config, "train_denoiser"),
            checkpoint_dir=os.path.join(workdir, DENOISER_DIR), workdir=workdir,
-           **_fit_options(config, mesh))
+           global_size=_global_size(train_set), **_fit_options(config, mesh))
 
 
 def train_baselines(config, workdir, train_set: data.Dataset, mesh) -> None:
@@ -203,13 +257,13 @@ def train_baselines(config, workdir, train_set: data.Dataset, mesh) -> None:
   if not names:
     print("[train_baselines] no baseline denoiser in eval.defenses; nothing to train", flush=True)
     return
-  x_adv = load_crafted(upstream(config, workdir), len(train_set))
+  x_adv = load_crafted(upstream(config, workdir), train_set)
   classifier = factory.classifier(config, train_set.num_classes)
   classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
   train = config.denoiser
   for index, name in enumerate(names):
     key = jax.random.fold_in(_stage_key(config, "train_baselines"), index)
-    state = factory.baseline_denoiser_state(config, key, _steps_per_epoch(len(train_set),
+    state = factory.baseline_denoiser_state(config, key, _steps_per_epoch(train_set.num_global,
                                                                           train.batch_size),
                                             factory.training_dtype(config))
     step = denoiser_train.make_baseline_train_step(classifier, name)
@@ -218,7 +272,7 @@ def train_baselines(config, workdir, train_set: data.Dataset, mesh) -> None:
              arrays=(x_adv, train_set.images, train_set.labels), batch_size=train.batch_size,
              num_epochs=train.num_epochs, key=key,
              checkpoint_dir=os.path.join(workdir, baseline_dir(name)), workdir=workdir,
-             **_fit_options(config, mesh))
+             global_size=_global_size(train_set), **_fit_options(config, mesh))
 
 
 def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
@@ -286,7 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   started = time.perf_counter()
   train_set = test_set = None
   if {"train_classifier", "craft", "train_denoiser", "train_baselines"} & set(stages):
-    train_set = load_data(config, "train", config.data.num_train)
+    train_set = load_data(config, "train", config.data.num_train, train_shard(config))
   if {"train_classifier", "evaluate"} & set(stages):
     test_set = load_data(config, "test", config.data.num_test)
   mesh = parallel.make_mesh()
@@ -298,6 +352,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     io_utils.write_json(os.path.join(workdir, CLASSES_FILE), list(class_names))
     print(f"[pipeline] stages {','.join(stages)}  devices {jax.devices()}  "
           f"{parallel.describe(mesh)}  workdir {workdir}", flush=True)
+    if train_set is not None and train_set.shard != (0, 1):
+      print(f"[pipeline] training data sharded: process {train_set.shard[0]} of "
+            f"{train_set.shard[1]} holds {len(train_set)} of {train_set.num_global} examples",
+            flush=True)
   stage_seconds = {}
 
   def timed(stage: str, function, *args):

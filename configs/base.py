@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 32
   config.data.num_train = 0  # 0 = the whole split
   config.data.num_test = 0
+  # True: with several processes, each reads only its shard of the training split (examples
+  # p, p + P, ...), crafts it and shuffles it locally (another batch order than one process).
+  config.data.shard_per_process = False
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "vgg19"  # vgg_tiny, vgg11/13/16/19, resnet18/34/50, wrn

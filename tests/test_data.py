@@ -192,6 +192,28 @@ def test_load_split_rejects_bad_arguments():
 # ----------------------------------------------------------------------------- batching
 
 
+def test_shards_partition_the_selection_and_decode_only_their_files(image_folder: Path,
+                                                                     monkeypatch):
+  source = f"folder:{image_folder}"
+  whole = data.load_split(source, "train", image_size=8, num_examples=10, seed=1)
+  decoded = []
+  original = data._read_image  # pylint: disable=protected-access
+  monkeypatch.setattr(data, "_read_image", lambda path, size: decoded.append(path) or original(
+      path, size))
+  shards = [data.load_split(source, "train", image_size=8, num_examples=10, seed=1,
+                            shard=(index, 3)) for index in range(3)]
+  assert len(decoded) == 10  # every selected file read once, by one shard
+  for index, shard in enumerate(shards):
+    assert shard.shard == (index, 3) and shard.num_global == 10
+    np.testing.assert_array_equal(shard.images, whole.images[index::3])
+    np.testing.assert_array_equal(shard.labels, whole.labels[index::3])
+  synthetic = data.load_split("synthetic", "train", num_examples=7, shard=(1, 2))
+  np.testing.assert_array_equal(
+      synthetic.labels, data.load_split("synthetic", "train", num_examples=7).labels[1::2])
+  with pytest.raises(data.DataError, match="shard"):
+    data.load_split(source, "train", image_size=8, shard=(3, 3))
+
+
 def _indexed(n: int) -> data.Dataset:
   """A dataset whose labels are the example indices."""
   return data.Dataset(np.zeros((n, 2, 2, 3), np.float32), np.arange(n, dtype=np.int32),
@@ -229,6 +251,12 @@ def test_take():
   np.testing.assert_array_equal(dataset.take(4).labels, np.arange(4))
   assert len(dataset.take(0)) == 0 and len(dataset.take(99)) == 10
   assert dataset.take(4).class_names == dataset.class_names
+  shard = dataset.select_shard((1, 3))  # examples 1, 4, 7 of 10
+  np.testing.assert_array_equal(shard.labels, [1, 4, 7])
+  assert shard.num_global == 10 and dataset.select_shard((0, 1)) is dataset
+  for n, expected in ((8, [1, 4, 7]), (7, [1, 4]), (2, [1]), (1, []), (99, [1, 4, 7])):
+    np.testing.assert_array_equal(shard.take(n).labels, expected)  # this shard's part of [:n]
+    assert shard.take(n).num_global == min(n, 10) and shard.take(n).shard == (1, 3)
 
 
 # ----------------------------------------------------------------------------- tfds (faked)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from cafd_jax import parallel, pipeline
+from cafd_jax import checkpoint, data, parallel, pipeline
 from configs import tiny
 
 from conftest import ROOT
@@ -121,9 +121,60 @@ def test_two_processes_match_one_process(tmp_path):
   assert rows("one_evaluated_by_two") == rows("one")
 
 
+@pytest.mark.slow  # two main.py runs (~2 min on 2 cores); `pytest -m slow`
+def test_two_processes_each_read_craft_and_train_on_their_own_shard(tmp_path):
+  two = ["bash", "launch/local_multiprocess.sh", "2"]
+  trained = _run(two, tmp_path / "run", "--config.stages=train_classifier,craft,train_denoiser",
+                 "--config.data.shard_per_process=True")
+  assert "process 0 of 2 holds 150 of 300 examples" in trained.stdout
+  files = os.listdir(tmp_path / "run" / pipeline.CRAFT_DIR)
+  assert {name[:len("shard_00000of00002")] for name in files if name.endswith(".npy")} == {
+      "shard_00000of00002", "shard_00001of00002"}
+  # One process reads the crafted set back in training-set order: each image within eps of its
+  # own natural image (rows mixed up between shards would be far from theirs).
+  config = tiny.get_config()
+  train_set = pipeline.load_data(config, "train", config.data.num_train)
+  crafted = pipeline.load_crafted(str(tmp_path / "run"),
+                                  train_set.take(config.craft.num_examples or None))
+  assert np.abs(crafted - train_set.images[:len(crafted)]).max() <= config.craft.eps + 1e-6
+  # and evaluates the checkpoints the two processes wrote.
+  _run([sys.executable, "main.py"], tmp_path / "run", "--config.stages=evaluate")
+  assert json.loads((tmp_path / "run" / "report.json").read_text())["results"]
+
+
 def test_batches_must_split_over_the_devices():
   mesh = parallel.make_mesh(1)
   assert parallel.local_rows(12, mesh) == slice(0, 12)
   arrays, count = parallel.pad_batch((np.arange(5), np.arange(5) * 2), 4)
   assert count == 5 and [list(a) for a in arrays] == [[0, 1, 2, 3, 4, 4, 4, 4],
                                                       [0, 2, 4, 6, 8, 8, 8, 8]]
+
+
+def _write_crafted(directory, chunks):
+  """``chunks``: {file name: example indices}; each crafted image is filled with its index."""
+  os.makedirs(directory / pipeline.CRAFT_DIR, exist_ok=True)
+  for name, indices in chunks.items():
+    values = np.asarray(indices, np.float32)[:, None, None, None] * np.ones((1, 2, 2, 3), np.float32)
+    np.save(directory / pipeline.CRAFT_DIR / name, values)
+
+
+def test_crafted_set_reads_back_for_any_process_shard_whatever_wrote_it(tmp_path):
+  whole = data.Dataset(np.zeros((10, 2, 2, 3), np.float32), np.zeros(10, np.int32), ("a",))
+  one_process = {"chunk_00000.npy": range(0, 4), "chunk_00001.npy": range(4, 8),
+                 "chunk_00002.npy": range(8, 10)}
+  two_shards = {"shard_00000of00002_chunk_00000.npy": [0, 2, 4],
+                "shard_00000of00002_chunk_00001.npy": [6, 8],
+                "shard_00001of00002_chunk_00000.npy": [1, 3, 5],
+                "shard_00001of00002_chunk_00001.npy": [7, 9]}
+  for name, chunks in (("one", one_process), ("two", two_shards)):
+    _write_crafted(tmp_path / name, chunks)
+    read = lambda dataset: pipeline.load_crafted(str(tmp_path / name), dataset)[:, 0, 0, 0]
+    np.testing.assert_array_equal(read(whole), np.arange(10))
+    for shard in ((0, 2), (1, 2), (2, 3)):
+      np.testing.assert_array_equal(read(whole.select_shard(shard)),
+                                    np.arange(shard[0], 10, shard[1]))
+    with pytest.raises(checkpoint.CheckpointError, match="a set of 10 .* run the craft stage"):
+      read(whole.take(6))  # crafted for another set size
+  os.remove(tmp_path / "two" / pipeline.CRAFT_DIR / "shard_00001of00002_chunk_00000.npy")
+  with pytest.raises(checkpoint.CheckpointError, match="2 of the 5 this process needs"):
+    pipeline.load_crafted(str(tmp_path / "two"), whole.select_shard((1, 2)))

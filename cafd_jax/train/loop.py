@@ -24,6 +24,13 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def local_epoch_order(num_local: int, seed: int, epoch: int) -> np.ndarray:
+  """This process's order of its own shard for one epoch (``epoch_order`` with one process)."""
+  if jax.process_count() == 1:
+    return epoch_order(num_local, seed, epoch)
+  return np.random.default_rng([seed, epoch, jax.process_index()]).permutation(num_local)
+
+
 def compile_step(step_fn: StepFn, state: Any, mesh: Mesh, fsdp: bool = False
                  ) -> tuple[Callable, Any]:
   """``jax.jit(step_fn)`` with explicit in/out shardings, and the state's shardings."""
@@ -40,32 +47,49 @@ def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray]
         batch_size: int, num_epochs: int, seed: int, key: jax.Array, checkpoint_dir: str,
         workdir: str | None, log_every_steps: int = 50, max_to_keep: int = 2,
         frozen: Any = None, mesh: Mesh | None = None, fsdp: bool = False,
-        prefetch_batches: int = 2) -> Any:
+        prefetch_batches: int = 2, global_size: int | None = None) -> Any:
   """Runs ``step_fn`` over shuffled global batches for ``num_epochs``, resuming from checkpoints.
 
   ``batch_size`` is global; every process draws the same epoch order and feeds only its own rows
   of each batch (``parallel.local_rows``). A checkpoint (the whole ``state`` pytree, written by
   all processes together) is saved after every epoch, numbered by epochs done; a rerun restores
   the latest and continues with identical data order and keys, on any number of devices.
+
+  With ``global_size``, ``arrays`` hold only this process's shard (examples p, p + P, ... of
+  ``global_size``; ``data.load_split(shard=...)``): each process shuffles its own shard
+  (``local_epoch_order``) and feeds its rows of every global batch from it. One process gives
+  the same batches as without; several give another (equally random) order, so a resume must
+  keep the process count.
   """
   mesh = mesh or parallel.make_mesh()
-  num_examples = len(arrays[0])
-  steps_per_epoch = num_examples // batch_size
+  sharded = global_size is not None
+  num_examples = global_size if sharded else len(arrays[0])
+  rows = parallel.local_rows(batch_size, mesh)
+  per_process = rows.stop - rows.start
+  if sharded:  # the same count on every process: the smallest shard holds size // processes
+    steps_per_epoch = (num_examples // jax.process_count()) // per_process
+  else:
+    steps_per_epoch = num_examples // batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"{stage}: batch size {batch_size} exceeds the {num_examples} examples; "
                      f"lower the batch size or use more data.")
-  rows = parallel.local_rows(batch_size, mesh)
   compiled, state_shardings = compile_step(step_fn, state, mesh, fsdp)
   state = parallel.place_state(state, state_shardings)
   frozen = parallel.replicate(frozen, mesh)
   step_key = lambda step: parallel.replicate(jax.random.fold_in(key, step), mesh)
 
+  def batch_indices(order: np.ndarray, index: int) -> np.ndarray:
+    if sharded:  # this process's rows come from its own shard
+      return np.sort(order[index * per_process:(index + 1) * per_process])
+    return np.sort(order[index * batch_size:(index + 1) * batch_size])[rows]
+
   def batches(start_epoch):
     for epoch in range(start_epoch, num_epochs):
-      order = epoch_order(num_examples, seed, epoch)
+      order = (local_epoch_order(len(arrays[0]), seed, epoch) if sharded
+               else epoch_order(num_examples, seed, epoch))
       for index in range(steps_per_epoch):
-        batch_indices = np.sort(order[index * batch_size:(index + 1) * batch_size])[rows]
-        local = tuple(array[batch_indices] for array in arrays)
+        indices = batch_indices(order, index)
+        local = tuple(array[indices] for array in arrays)
         yield epoch, index, parallel.shard_batch(local, mesh, batch_size)
 
   checkpoints = checkpoint.manager(checkpoint_dir, max_to_keep)
