@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cafd_jax import models
+from cafd_jax.models import layers
 
 # name -> (width, expected feature map [h, w, C]) on a 32x32 input
 CLASSIFIER_CASES = {
@@ -85,6 +86,20 @@ def test_discriminator_gives_one_logit_per_image():
   assert disc.apply(variables, x).shape == (4,)
 
 
+def _conv_case(batch, spatial, kernel_size, strides, padding):
+  """Random NHWC input and HWIO kernel, ``apply(conv, x, kernel)`` with these settings, and the
+  jaxpr of ``layers.conv_general_dilated`` on them (its CPU path, on CPU)."""
+  x = jax.random.normal(jax.random.key(0), (batch, spatial, spatial, 5))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 5, 6))
+
+  def apply(conv, x, kernel):
+    return conv(x, kernel, (strides, strides), padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  jaxpr = str(jax.make_jaxpr(functools.partial(apply, layers.conv_general_dilated))(x, kernel))
+  return x, kernel, apply, jaxpr
+
+
 @pytest.mark.parametrize("spatial, strides, padding, kernel_size", [
     (2, 1, ((1, 1), (1, 1)), 3),  # VGG-19's last block on 32x32 inputs
     (1, 1, "SAME", 3),
@@ -92,13 +107,10 @@ def test_discriminator_gives_one_logit_per_image():
     (4, 2, "VALID", 1),  # a ResNet 1x1 shortcut
 ])
 def test_tiny_map_convolution_as_matmul_matches_lax(spatial, strides, padding, kernel_size):
-  from cafd_jax.models import layers  # pylint: disable=g-import-not-at-top
-  x = jax.random.normal(jax.random.key(0), (3, spatial, spatial, 5))
-  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 5, 6))
-  dimensions = ("NHWC", "HWIO", "NHWC")
+  x, kernel, apply, cpu_jaxpr = _conv_case(3, spatial, kernel_size, strides, padding)
 
   def loss(conv, x, kernel):
-    y = conv(x, kernel, (strides, strides), padding, dimension_numbers=dimensions)
+    y = apply(conv, x, kernel)
     return jnp.sum(jnp.sin(y)), y
 
   (_, want), want_grads = jax.value_and_grad(
@@ -110,9 +122,7 @@ def test_tiny_map_convolution_as_matmul_matches_lax(spatial, strides, padding, k
   for got_grad, want_grad in zip(got_grads, want_grads):
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
   if jax.default_backend() == "cpu":  # the CPU path really is the matrix product
-    jaxpr = str(jax.make_jaxpr(lambda a, b: layers.conv_general_dilated(
-        a, b, (strides, strides), padding, dimension_numbers=dimensions))(x, kernel))
-    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+    assert "conv_general_dilated" not in cpu_jaxpr and "dot_general" in cpu_jaxpr
 
 
 @pytest.mark.parametrize("spatial, strides, padding, kernel_size", [
@@ -122,14 +132,10 @@ def test_tiny_map_convolution_as_matmul_matches_lax(spatial, strides, padding, k
     (16, 2, "VALID", 1),  # a ResNet 1x1 shortcut
 ])
 def test_large_map_kernel_gradient_by_rows_matches_lax(spatial, strides, padding, kernel_size):
-  from cafd_jax.models import layers  # pylint: disable=g-import-not-at-top
-  x = jax.random.normal(jax.random.key(0), (2, spatial, spatial, 5))
-  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 5, 6))
-  dimensions = ("NHWC", "HWIO", "NHWC")
+  x, kernel, apply, cpu_jaxpr = _conv_case(2, spatial, kernel_size, strides, padding)
 
   def loss(conv, x, kernel):
-    return jnp.sum(jnp.sin(conv(x, kernel, (strides, strides), padding,
-                                dimension_numbers=dimensions)))
+    return jnp.sum(jnp.sin(apply(conv, x, kernel)))
 
   def input_gradient_norm(conv, x, kernel):  # second order, as Grad-CAM attacks need
     return jnp.sum(jax.grad(loss, 1)(conv, x, kernel) ** 2)
@@ -140,9 +146,7 @@ def test_large_map_kernel_gradient_by_rows_matches_lax(spatial, strides, padding
     for got_grad, want_grad in zip(got, want):
       np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
   if jax.default_backend() == "cpu":  # the CPU path really is the custom gradient
-    jaxpr = str(jax.make_jaxpr(lambda a, b: layers.conv_general_dilated(
-        a, b, (strides, strides), padding, dimension_numbers=dimensions))(x, kernel))
-    assert "custom_vjp" in jaxpr
+    assert "custom_vjp" in cpu_jaxpr
 
 
 def test_resnet_parameter_names_are_those_of_nn_conv():
