@@ -142,7 +142,7 @@ def test_never_differentiates_the_model(batch):
 def test_fooled_examples_stay_frozen_and_margin_only_decreases(tiny):
   apply_fn, params, x, y = tiny
   logits_fn = functools.partial(apply_fn, params)
-  eps = 6 / 255  # some, not all, of the 16 images fall within 30 queries (3 and 6 of 16 at 120)
+  eps = 6 / 255  # some, not all, of the 16 images fall (when written: 3 in 30 queries, 6 in 120)
   run = jax.jit(functools.partial(square.square_linf_single_run, logits_fn, eps=eps,
                                   resc_schedule=False), static_argnames="n_queries")
   # Without rescaling, the first 30 iterations of a 120-query run are those of a 30-query run.
