@@ -142,7 +142,7 @@ def make_caf_fn(tapped_apply: taps.TappedApply, kind: str, class_source: str = "
     scores = jax.nn.one_hot(classes_of(logits, labels), logits.shape[-1], dtype=logits.dtype)
     (gradients,) = pullback((scores, jnp.zeros_like(features)))  # d logit_y / d features
     example_weights = (gradcam_weights(gradients) if weights == "gradcam"
-                      else gradcampp_weights(features, gradients))
+                       else gradcampp_weights(features, gradients))
     return class_activation_features(features, example_weights, kind, output_size)
 
   return caf

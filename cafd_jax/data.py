@@ -87,13 +87,21 @@ class Dataset:
 
   def select_shard(self, shard: tuple[int, int] | None) -> Dataset:
     """Examples index, index + count, ... of this (whole) set: one process's shard."""
-    if shard is None or tuple(shard) == (0, 1):
+    index, count = _checked_shard(shard)
+    if count == 1:
       return self
-    index, count = shard
-    if self.shard != (0, 1) or not 0 <= index < count:
+    if self.shard != (0, 1):
       raise DataError(f"cannot take shard {shard} of shard {self.shard}; shard a whole set once")
     return Dataset(self.images[index::count], self.labels[index::count], self.class_names,
                    (index, count), len(self))
+
+
+def _checked_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+  """``shard`` as (index, count), (0, 1) for None; one clear line for an impossible pair."""
+  index, count = (0, 1) if shard is None else shard
+  if not 0 <= index < count:
+    raise DataError(f"shard {shard} must be (index, count) with 0 <= index < count")
+  return index, count
 
 
 # ----------------------------------------------------------------------------- sources
@@ -239,14 +247,11 @@ def _load_folder(root: Path, split: str, image_size: int, num_examples: int | No
                  seed: int, shard: tuple[int, int] | None = None) -> Dataset:
   files, labels, class_names = _list_folder(root, split)
   index = _select(labels, len(class_names), num_examples, seed)
-  if shard is None or tuple(shard) == (0, 1):
-    images = _decode_files([files[i] for i in index], image_size)
-    return Dataset(_to_float(images), labels[index], class_names)
-  if not 0 <= shard[0] < shard[1]:
-    raise DataError(f"shard {shard} must be (index, count) with 0 <= index < count")
-  local = index[shard[0]::shard[1]]  # decode this shard's files only
+  shard_index, num_shards = _checked_shard(shard)
+  local = index[shard_index::num_shards]  # decode this shard's files only
   images = _decode_files([files[i] for i in local], image_size)
-  return Dataset(_to_float(images), labels[local], class_names, tuple(shard), len(index))
+  return Dataset(_to_float(images), labels[local], class_names, (shard_index, num_shards),
+                 None if num_shards == 1 else len(index))
 
 
 # ----------------------------------------------------------------------------- tfds

@@ -12,6 +12,7 @@ import collections
 import glob
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -69,11 +70,6 @@ def train_shard(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
   return jax.process_index(), jax.process_count()
 
 
-def _global_size(dataset: data.Dataset) -> int | None:
-  """``loop.fit``'s ``global_size``: set when ``dataset`` is one process's shard."""
-  return None if dataset.shard == (0, 1) else dataset.num_global
-
-
 def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return max(1, num_examples // batch_size)
 
@@ -104,10 +100,12 @@ def restore_denoiser(config: ml_collections.ConfigDict, workdir: str, name: str 
   return common.variables_of(state)
 
 
-def _fit_options(config: ml_collections.ConfigDict, mesh) -> dict:
-  """The keyword arguments of ``loop.fit`` that every training stage shares."""
+def _fit_options(config: ml_collections.ConfigDict, mesh, train_set: data.Dataset) -> dict:
+  """The keyword arguments of ``loop.fit`` that every training stage shares (``global_size``
+  set when ``train_set`` is this process's shard)."""
   return dict(seed=config.seed, log_every_steps=config.log_every_steps, mesh=mesh,
-              fsdp=config.parallel.fsdp, prefetch_batches=config.parallel.prefetch_batches)
+              fsdp=config.parallel.fsdp, prefetch_batches=config.parallel.prefetch_batches,
+              global_size=None if train_set.shard == (0, 1) else train_set.num_global)
 
 
 def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset,
@@ -121,7 +119,7 @@ def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Da
                    arrays=(train_set.images, train_set.labels), batch_size=train.batch_size,
                    num_epochs=train.num_epochs, key=_stage_key(config, "train_classifier"),
                    checkpoint_dir=os.path.join(workdir, CLASSIFIER_DIR), workdir=workdir,
-                   global_size=_global_size(train_set), **_fit_options(config, mesh))
+                   **_fit_options(config, mesh, train_set))
   classifier = factory.classifier(config, train_set.num_classes)  # float32, as evaluation
   classify = evaluate.bind(jax.jit(classifier.apply),
                            parallel.to_host(common.variables_of(state)))
@@ -131,16 +129,21 @@ def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Da
           f"(n={len(test_set)})", flush=True)
 
 
-def _craft_settings(config) -> dict:
+def _craft_settings(config, shard: tuple[int, int]) -> dict:
   settings = dict(config.craft)
   settings.update(denoiser_train.caf_options(config.caf, config.caf.attack_kind),
                   seed=config.seed, source=config.data.source)
   for name, default in (("weights", "cam"), ("feature_layer", taps.DEFAULT_LAYER)):
     if settings[name] == default:  # as written before these options existed
       del settings[name]
-  if train_shard(config):  # each process crafts its own shard: other files, other keys
-    settings["process_shards"] = jax.process_count()
+  if shard != (0, 1):  # each process crafts its own shard: other files, other keys
+    settings["process_shards"] = shard[1]
   return settings
+
+
+# Crafted chunk files: "chunk_C.npy" (the whole set, in order) or "shard_PofN_chunk_C.npy" (the
+# C-th chunk of process P's shard, examples P, P + N, ...).
+_CHUNK_FILE = re.compile(r"(?:shard_(\d+)of(\d+)_)?chunk_\d+\.npy")
 
 
 def _chunk_path(directory: str, chunk: int, shard: tuple[int, int]) -> str:
@@ -155,7 +158,7 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
   splitting its chunks over its own devices."""
   directory = os.path.join(workdir, CRAFT_DIR)
   settings_path = os.path.join(directory, "settings.json")
-  settings = _craft_settings(config)
+  settings = _craft_settings(config, train_set.shard)
   if os.path.exists(settings_path):
     with open(settings_path) as file:
       if json.load(file) != json.loads(json.dumps(settings)):
@@ -191,21 +194,18 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
   parallel.barrier("craft done")  # every process's chunks are written
 
 
-def _crafted_files(directory: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Each crafted chunk file with the training-set indices of its rows, in file order."""
-  whole = sorted(glob.glob(os.path.join(directory, "chunk_*.npy")))
-  sharded = sorted(glob.glob(os.path.join(directory, "shard_*of*_chunk_*.npy")))
+def _crafted_chunks(directory: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Each crafted chunk (memory-mapped) with the training-set indices of its rows."""
   offsets = collections.Counter()  # rows seen so far per (whole set | process shard)
-  for path in whole + sharded:
-    rows = len(np.load(path, mmap_mode="r"))
-    if path in whole:
-      shard = (0, 1)
-    else:
-      index, count = os.path.basename(path)[len("shard_"):].split("_chunk_")[0].split("of")
-      shard = (int(index), int(count))
-    local = np.arange(offsets[shard], offsets[shard] + rows)
-    offsets[shard] += rows
-    yield path, shard[0] + shard[1] * local
+  for path in sorted(glob.glob(os.path.join(directory, "*chunk_*.npy"))):  # chunk order
+    match = _CHUNK_FILE.fullmatch(os.path.basename(path))
+    if not match:
+      continue
+    shard = (int(match[1]), int(match[2])) if match[1] else (0, 1)
+    chunk = np.load(path, mmap_mode="r")
+    local = np.arange(offsets[shard], offsets[shard] + len(chunk))
+    offsets[shard] += len(chunk)
+    yield chunk, shard[0] + shard[1] * local
 
 
 def load_crafted(workdir: str, dataset: data.Dataset) -> np.ndarray:
@@ -214,11 +214,10 @@ def load_crafted(workdir: str, dataset: data.Dataset) -> np.ndarray:
   directory = os.path.join(workdir, CRAFT_DIR)
   (index, count), total = dataset.shard, dataset.num_global
   crafted, found, size = None, np.zeros(len(dataset), bool), 0
-  for path, indices in _crafted_files(directory):
+  for chunk, indices in _crafted_chunks(directory):
     size = max(size, int(indices.max(initial=-1)) + 1)
     mine = (indices % count == index) & (indices < total)
     if mine.any():
-      chunk = np.load(path, mmap_mode="r")
       if crafted is None:
         crafted = np.empty((len(dataset),) + chunk.shape[1:], chunk.dtype)
       slots = (indices[mine] - index) // count
@@ -248,7 +247,7 @@ def train_denoiser(config, workdir, train_set: data.Dataset, mesh) -> None:
            batch_size=train.batch_size, num_epochs=train.num_epochs,
            key=_stage_key(config, "train_denoiser"),
            checkpoint_dir=os.path.join(workdir, DENOISER_DIR), workdir=workdir,
-           global_size=_global_size(train_set), **_fit_options(config, mesh))
+           **_fit_options(config, mesh, train_set))
 
 
 def train_baselines(config, workdir, train_set: data.Dataset, mesh) -> None:
@@ -272,7 +271,7 @@ def train_baselines(config, workdir, train_set: data.Dataset, mesh) -> None:
              arrays=(x_adv, train_set.images, train_set.labels), batch_size=train.batch_size,
              num_epochs=train.num_epochs, key=key,
              checkpoint_dir=os.path.join(workdir, baseline_dir(name)), workdir=workdir,
-             global_size=_global_size(train_set), **_fit_options(config, mesh))
+             **_fit_options(config, mesh, train_set))
 
 
 def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
