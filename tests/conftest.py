@@ -1,7 +1,10 @@
 """Shared fixtures: the repository root on sys.path, tiny configs, a trained tiny classifier."""
 
 import functools
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+  """One XLA compilation cache for the session, shared with the main.py subprocesses.
+
+  The end-to-end tests start main.py many times on the same tiny config; compiling its train,
+  craft and attack steps dominated their time. The cache starts empty in a fresh temporary
+  folder (set before any test imports jax) and is removed at the end, so nothing carries over
+  between sessions. A JAX_COMPILATION_CACHE_DIR set by the caller is used instead.
+  """
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    config.cafd_xla_cache = tempfile.mkdtemp(prefix="cafd-jax-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config.cafd_xla_cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "cafd_xla_cache", None):
+    shutil.rmtree(config.cafd_xla_cache, ignore_errors=True)
 
 
 @pytest.fixture()
