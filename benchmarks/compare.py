@@ -16,13 +16,14 @@ import json
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from benchmarks import hardware
 from cafd_jax import factory
 from cafd_jax.models import layers
 from cafd_jax.train import classifier as classifier_train
@@ -30,6 +31,13 @@ from cafd_jax.train import denoiser as denoiser_train
 from configs import base
 
 BENCHMARKS = ("classifier_step", "caf_attack_step", "denoiser_step")
+
+
+class Step(NamedTuple):
+  """One benchmark of this project: ``run()`` does one compiled step (its output is waited on);
+  ``flops()`` is XLA's FLOP count of that step as compiled."""
+  run: Callable[[], object]
+  flops: Callable[[], float | None]
 
 
 def _median_seconds(run: Callable[[], object], warmup: int, repeats: int,
@@ -51,8 +59,8 @@ def _config(model: str, dtype: str) -> ml_collections.ConfigDict:
   return config
 
 
-def jax_steps(model: str, batch_size: int, dtype: str) -> dict[str, Callable[[], object]]:
-  """Zero-argument closures, each running one compiled step of this project on fixed data."""
+def jax_steps(model: str, batch_size: int, dtype: str) -> dict[str, Step]:
+  """Each benchmark as a ``Step`` of this project on fixed data."""
   config = _config(model, dtype)
   compute = factory.training_dtype(config)
   keys = jax.random.split(jax.random.key(0), 4)
@@ -91,9 +99,14 @@ def jax_steps(model: str, batch_size: int, dtype: str) -> dict[str, Callable[[],
     denoiser_holder["states"], metrics = step(denoiser_holder["states"], variables, x_adv, x, y)
     return metrics["loss"]
 
-  return {"classifier_step": classifier_step,
-          "caf_attack_step": lambda: caf_step(variables, x_adv, natural),
-          "denoiser_step": denoiser_step}
+  return {
+      "classifier_step": Step(classifier_step, lambda: hardware.compiled_flops(
+          classifier_train.train_step, holder["state"], x, y, keys[0], False)),
+      "caf_attack_step": Step(lambda: caf_step(variables, x_adv, natural),
+                              lambda: hardware.compiled_flops(caf_step, variables, x_adv, natural)),
+      "denoiser_step": Step(denoiser_step, lambda: hardware.compiled_flops(
+          step, denoiser_holder["states"], variables, x_adv, x, y)),
+  }
 
 
 def torch_steps(model: str, batch_size: int, device: str) -> dict[str, Callable[[], object]]:
@@ -119,7 +132,8 @@ def torch_steps(model: str, batch_size: int, device: str) -> dict[str, Callable[
 
 def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, repeats: int,
             with_torch: bool = True, benchmarks: tuple[str, ...] = BENCHMARKS) -> list[dict]:
-  """One row per (model, benchmark): img/s of JAX and PyTorch and their ratio."""
+  """One row per (model, benchmark): img/s of JAX and PyTorch and their ratio; the JAX step's
+  FLOPs, achieved TFLOP/s and, on a device of ``hardware.PEAK_TFLOPS``, its MFU."""
   rows = []
   torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   for model in model_names:
@@ -132,8 +146,10 @@ def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, re
     for name in benchmarks:
       row = {"model": model, "benchmark": name, "batch_size": batch_size, "dtype": dtype,
              "device": str(jax.devices()[0].device_kind)}
-      row["jax_img_s"] = batch_size / _median_seconds(ours[name], warmup, repeats,
-                                                      jax.block_until_ready)
+      seconds = _median_seconds(ours[name].run, warmup, repeats, jax.block_until_ready)
+      row["jax_img_s"] = batch_size / seconds
+      row["jax_flops"] = ours[name].flops()
+      row["jax_tflop_s"], row["jax_mfu"] = hardware.utilisation(row["jax_flops"], seconds, dtype)
       if theirs:
         row["torch_img_s"] = batch_size / _median_seconds(theirs[name], warmup, repeats, sync)
         row["ratio"] = row["jax_img_s"] / row["torch_img_s"]
@@ -144,6 +160,10 @@ def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, re
 
 def format_row(row: dict) -> str:
   text = f"{row['model']:>9} {row['benchmark']:>16}  jax {row['jax_img_s']:8.1f} img/s"
+  if row.get("jax_tflop_s") is not None:
+    text += f" {row['jax_tflop_s']:7.3f} TFLOP/s"
+  if row.get("jax_mfu") is not None:
+    text += f" MFU {100 * row['jax_mfu']:4.1f}%"
   if "torch_img_s" in row:
     text += f"  torch {row['torch_img_s']:8.1f} img/s  jax/torch {row['ratio']:.2f}"
   return text

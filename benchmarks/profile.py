@@ -92,7 +92,7 @@ def main() -> None:
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from benchmarks import compare  # pylint: disable=g-import-not-at-top
 
-  run = compare.jax_steps(args.model, args.batch_size, "float32")[args.step]
+  run = compare.jax_steps(args.model, args.batch_size, "float32")[args.step].run
   jax.block_until_ready(run())  # compile
   with jax.profiler.trace(f"{work}/trace", create_perfetto_trace=True):
     jax.block_until_ready(run())
