@@ -11,7 +11,7 @@ calls the config makes:
 * craft and evaluate: ceil(examples / batch) attack calls per attack. An iterative attack of
   more than 4 iterations is timed at 2 and 4: half the difference is the time per iteration,
   extrapolated linearly to the configured count (a single iteration is not used: XLA compiles
-  a one-trip loop as straight-line code, ~25% faster per iteration on CPU than the loop).
+  a one-trip loop as straight-line code, which can run at another speed than the loop body).
   Evaluation adds one prediction per defense per attacked batch.
 
 Not included: compilation, data loading, checkpoint writes, and evaluation beyond the

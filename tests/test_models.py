@@ -127,6 +127,8 @@ def test_tiny_map_convolution_as_matmul_matches_lax(spatial, strides, padding, k
 
 @pytest.mark.parametrize("spatial, strides, padding, kernel_size", [
     (8, 1, ((1, 1), (1, 1)), 3),  # VGG / U-Net / ResNet 3x3 convolution
+    (9, 1, ((0, 2), (1, 0)), 3),  # unit strides, uneven padding: the flipped-kernel input gradient
+    (8, 1, "VALID", 1),  # a ResNet-50 bottleneck 1x1 convolution
     (16, 2, "SAME", 3),  # a downsampling conv: 8x8 output
     (17, 2, ((0, 1), (2, 0)), 3),  # odd size, uneven padding
     (16, 2, "VALID", 1),  # a ResNet 1x1 shortcut

@@ -10,7 +10,10 @@ Two XLA:CPU weak spots, each replaced by an equivalent computation on CPU only (
 * Larger maps (8x8 and up): XLA's kernel gradient is 2-10x slower than the forward pass
   (2.1 s against 0.23 s for 32x32, 64->64 channels, batch 128, on 2 cores). It is computed
   instead as one matrix product per kernel row: [kw*C, B*H'*W'] windows x [B*H'*W', O]
-  output gradient (0.35 s there); the forward pass and input gradient stay XLA's.
+  output gradient (0.35 s there). The forward pass stays XLA's, and so does the input
+  gradient, written (unit strides) as a forward convolution with the flipped, transposed
+  kernel: XLA:CPU gives that form to YNNPACK everywhere, but left autodiff's transposed form
+  to its own, slower convolution inside loops, i.e. in every attack iteration.
 
 ``conv_general_dilated`` is a drop-in for ``nn.Conv(conv_general_dilated=...)``; ``conv()``
 builds such an ``nn.Conv``. ``Conv3x3`` parameters are named and shaped as in ``nn.Conv``
@@ -84,10 +87,29 @@ def _forward(x, kernel, strides, padding):
   return _xla_conv(x, kernel, strides, padding), (x, kernel)
 
 
+def _input_grad(x_shape, kernel, strides, padding, grad_out):
+  """d(sum(conv(x, k) * grad_out))/dx.
+
+  With unit strides this is written as a forward convolution of ``grad_out`` with the kernel
+  flipped in space and transposed to [kh, kw, out, in]: XLA:CPU hands such a convolution to
+  its fast library (YNNPACK) wherever it appears, whereas the transposed form that autodiff
+  emits is left to XLA's slower own convolution inside loops (the attacks' iterations).
+  """
+  kernel_h, kernel_w = kernel.shape[:2]
+  (top, bottom), (left, right) = padding
+  if tuple(strides) != (1, 1) or min(top, bottom, left, right) < 0 or max(
+      top, bottom) > kernel_h - 1 or max(left, right) > kernel_w - 1:
+    _, input_vjp = jax.vjp(lambda z: _xla_conv(z, kernel, strides, padding),
+                           jnp.zeros(x_shape, grad_out.dtype))
+    return input_vjp(grad_out)[0]
+  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+  pad = ((kernel_h - 1 - top, kernel_h - 1 - bottom), (kernel_w - 1 - left, kernel_w - 1 - right))
+  return _xla_conv(grad_out, flipped, (1, 1), pad)
+
+
 def _backward(strides, padding, residuals, grad_out):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda z: _xla_conv(z, kernel, strides, padding), x)
-  (grad_x,) = input_vjp(grad_out)
+  grad_x = _input_grad(x.shape, kernel, strides, padding, grad_out)
   grad_kernel = _kernel_grad_by_rows(x, grad_out, kernel.shape, strides, padding)
   return grad_x, grad_kernel.astype(kernel.dtype)
 
