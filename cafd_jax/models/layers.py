@@ -87,7 +87,7 @@ def _forward(x, kernel, strides, padding):
   return _xla_conv(x, kernel, strides, padding), (x, kernel)
 
 
-def _input_grad(x_shape, kernel, strides, padding, grad_out):
+def _input_grad(x, kernel, strides, padding, grad_out):
   """d(sum(conv(x, k) * grad_out))/dx.
 
   With unit strides this is written as a forward convolution of ``grad_out`` with the kernel
@@ -99,8 +99,7 @@ def _input_grad(x_shape, kernel, strides, padding, grad_out):
   (top, bottom), (left, right) = padding
   if tuple(strides) != (1, 1) or min(top, bottom, left, right) < 0 or max(
       top, bottom) > kernel_h - 1 or max(left, right) > kernel_w - 1:
-    _, input_vjp = jax.vjp(lambda z: _xla_conv(z, kernel, strides, padding),
-                           jnp.zeros(x_shape, grad_out.dtype))
+    _, input_vjp = jax.vjp(lambda z: _xla_conv(z, kernel, strides, padding), x)
     return input_vjp(grad_out)[0]
   flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
   pad = ((kernel_h - 1 - top, kernel_h - 1 - bottom), (kernel_w - 1 - left, kernel_w - 1 - right))
@@ -109,7 +108,7 @@ def _input_grad(x_shape, kernel, strides, padding, grad_out):
 
 def _backward(strides, padding, residuals, grad_out):
   x, kernel = residuals
-  grad_x = _input_grad(x.shape, kernel, strides, padding, grad_out)
+  grad_x = _input_grad(x, kernel, strides, padding, grad_out)
   grad_kernel = _kernel_grad_by_rows(x, grad_out, kernel.shape, strides, padding)
   return grad_x, grad_kernel.astype(kernel.dtype)
 
