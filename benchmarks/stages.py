@@ -3,9 +3,9 @@
     python -m benchmarks.stages --config configs/cifar10_vgg19.py [--config.compute_dtype=bfloat16]
 
 Each stage's compiled step is built as the pipeline builds it (same config, mesh, shardings,
-compute dtype, batch sizes), run on random data after one warm-up call (whose time is the
-compile time), timed as the median of ``--repeats`` calls, and multiplied by the number of such
-calls the config makes:
+compute dtype, batch sizes), run on random data after one warm-up call (its time, compilation
+included, is printed as "compile"), timed as the median of ``--repeats`` calls, and multiplied
+by the number of such calls the config makes:
 
 * train_classifier, train_denoiser, train_baselines: epochs x (examples // batch) steps;
 * craft and evaluate: ceil(examples / batch) attack calls per attack. An iterative attack of
@@ -14,9 +14,9 @@ calls the config makes:
   a one-trip loop as straight-line code, which can run at another speed than the loop body).
   Evaluation adds one prediction per defense per attacked batch.
 
-Not included: compilation, data loading, checkpoint writes, and evaluation beyond the
-``unseen`` threat model (adaptive attacks, eps sweeps and transfer targets are listed as
-skipped). Set sizes come from the config, or from --num_train / --num_test where it says 0
+Runs as one process over its local devices (as the pipeline's one-host runs). Not included:
+compilation, data loading, checkpoint writes, and evaluation beyond the ``unseen`` threat
+model (adaptive attacks, eps sweeps and transfer targets are listed as skipped). Set sizes come from the config, or from --num_train / --num_test where it says 0
 (the whole split; defaults: CIFAR-10's 50,000 and 10,000).
 """
 
