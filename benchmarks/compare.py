@@ -40,7 +40,7 @@ class Step(NamedTuple):
   flops: Callable[[], float | None]
 
 
-def _median_seconds(run: Callable[[], object], warmup: int, repeats: int,
+def median_seconds(run: Callable[[], object], warmup: int, repeats: int,
                     wait: Callable[[object], object]) -> float:
   for _ in range(warmup):
     wait(run())
@@ -146,12 +146,12 @@ def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, re
     for name in benchmarks:
       row = {"model": model, "benchmark": name, "batch_size": batch_size, "dtype": dtype,
              "device": str(jax.devices()[0].device_kind)}
-      seconds = _median_seconds(ours[name].run, warmup, repeats, jax.block_until_ready)
+      seconds = median_seconds(ours[name].run, warmup, repeats, jax.block_until_ready)
       row["jax_img_s"] = batch_size / seconds
       row["jax_flops"] = ours[name].flops()
       row["jax_tflop_s"], row["jax_mfu"] = hardware.utilisation(row["jax_flops"], seconds, dtype)
       if theirs:
-        row["torch_img_s"] = batch_size / _median_seconds(theirs[name], warmup, repeats, sync)
+        row["torch_img_s"] = batch_size / median_seconds(theirs[name], warmup, repeats, sync)
         row["ratio"] = row["jax_img_s"] / row["torch_img_s"]
       rows.append(row)
       print(format_row(row), flush=True)

@@ -23,7 +23,6 @@ model (adaptive attacks, eps sweeps and transfer targets are listed as skipped).
 import dataclasses
 import json
 import math
-import statistics
 import sys
 import time
 from typing import Callable
@@ -34,7 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from benchmarks import hardware
+from benchmarks import compare, hardware
 from cafd_jax import config_checks, evaluate, factory, parallel, pipeline
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import common
@@ -76,12 +75,7 @@ def _median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, flo
   start = time.perf_counter()
   jax.block_until_ready(run())
   compile_seconds = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), compile_seconds
+  return compare.median_seconds(run, 0, repeats, jax.block_until_ready), compile_seconds
 
 
 def iteration_params(name: str, params: dict) -> tuple[str, ...]:
@@ -196,12 +190,9 @@ def measure(config: ml_collections.ConfigDict, num_train: int, num_test: int, nu
   denoiser_batch = (np.clip(denoiser_batch[0] + 8 / 255, 0, 1),) + denoiser_batch
   if "train_denoiser" in stages:
     states = factory.denoiser_states(config, jax.random.key(3), steps_per_epoch, dtype)
-    options = denoiser_train.caf_options(config.caf, config.caf.loss_kind)
-    step = denoiser_train.make_train_step(classifier, caf_kind=options.pop("kind"),
-                                          caf_weight=train.caf_weight,
-                                          gan_weight=train.gan_weight, **options)
     add(_train_step_time("train_denoiser", "denoiser + discriminator step",
-                         denoiser_train.make_step_fn(step), states, denoiser_batch, variables,
+                         denoiser_train.make_step_fn(pipeline.denoiser_step(config, classifier)),
+                         states, denoiser_batch, variables,
                          train.num_epochs * steps_per_epoch, mesh, config, repeats))
   if "train_baselines" in stages:
     for name in pipeline.baselines_to_train(config):

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -230,6 +230,14 @@ def load_crafted(workdir: str, dataset: data.Dataset) -> np.ndarray:
   return crafted
 
 
+def denoiser_step(config: ml_collections.ConfigDict, classifier) -> Callable:
+  """The jitted CAFD denoiser + discriminator step of ``config`` (``make_train_step``)."""
+  options = denoiser_train.caf_options(config.caf, config.caf.loss_kind)
+  return denoiser_train.make_train_step(
+      classifier, caf_kind=options.pop("kind"), caf_weight=config.denoiser.caf_weight,
+      gan_weight=config.denoiser.gan_weight, **options)
+
+
 def train_denoiser(config, workdir, train_set: data.Dataset, mesh) -> None:
   x_adv = load_crafted(upstream(config, workdir), train_set)
   classifier = factory.classifier(config, train_set.num_classes)
@@ -238,11 +246,8 @@ def train_denoiser(config, workdir, train_set: data.Dataset, mesh) -> None:
   states = factory.denoiser_states(config, _stage_key(config, "train_denoiser"),
                                    _steps_per_epoch(train_set.num_global, train.batch_size),
                                    factory.training_dtype(config))
-  options = denoiser_train.caf_options(config.caf, config.caf.loss_kind)
-  step = denoiser_train.make_train_step(
-      classifier, caf_kind=options.pop("kind"), caf_weight=train.caf_weight,
-      gan_weight=train.gan_weight, **options)
-  loop.fit(stage="train_denoiser", state=states, step_fn=denoiser_train.make_step_fn(step),
+  loop.fit(stage="train_denoiser", state=states,
+           step_fn=denoiser_train.make_step_fn(denoiser_step(config, classifier)),
            frozen=classifier_variables, arrays=(x_adv, train_set.images, train_set.labels),
            batch_size=train.batch_size, num_epochs=train.num_epochs,
            key=_stage_key(config, "train_denoiser"),
