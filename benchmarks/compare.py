@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks import hardware
-from cafd_jax import factory
+from cafd_jax import cam, factory
 from cafd_jax.models import layers
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import denoiser as denoiser_train
@@ -78,15 +78,16 @@ def jax_steps(model: str, batch_size: int, dtype: str) -> dict[str, Step]:
   frozen = factory.classifier_state(config, 10, keys[2], 390, compute)  # not donated
   variables = {"params": frozen.params, "batch_stats": frozen.batch_stats}
 
-  def caf_fn(variables):
-    return denoiser_train.classifier_caf_fn(network, variables, "weighted_features", "label")
+  def caf_fn(variables):  # at feature resolution, as attacks.caf_attack uses it
+    return denoiser_train.classifier_caf_fn(network, variables, "weighted_features", "label",
+                                            upsample=False)
 
   natural = jax.jit(lambda variables: caf_fn(variables)(x, y))(variables)
 
   @jax.jit
   def caf_step(variables, x_adv, natural):
-    objective = lambda z: jnp.sum(jnp.mean((caf_fn(variables)(z, y) - natural) ** 2,
-                                           axis=(1, 2, 3)))
+    objective = lambda z: jnp.sum(cam.caf_distance(caf_fn(variables)(z, y), natural,
+                                                   x.shape[1:3]))
     grad = jax.grad(objective)(x_adv)
     return jnp.clip(x_adv + 0.01 * jnp.sign(grad), 0, 1)
 

@@ -20,13 +20,20 @@ Class weights w[., y] (``config.caf.weights``):
 Gradient weights come from ``jax.vjp`` inside the caller's jitted step, and the attacks and
 denoiser losses differentiate through them. The class y is the true label or the classifier's
 own prediction (``config.caf.class_source``; the reference uses the prediction of each input).
+
+The CAF distance (``caf_distance``) is the per-example MSE of the upsampled maps. The attacks and
+the denoiser loss take the maps at feature resolution (``make_caf_fn(..., upsample=False)``) and
+compute that MSE there, through the Gram matrices of bilinear interpolation: the same number,
+without materialising [B, H, W, C] maps (~50x less work for 4x4 -> 32x32, 512 channels).
 """
 
+import functools
 from typing import Callable
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cafd_jax.models import taps
 
@@ -70,13 +77,44 @@ def _min_max(maps: jnp.ndarray) -> jnp.ndarray:
   return (maps - low) / (high - low + _EPS)
 
 
-def _upsample(maps: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarray:
-  """Bilinear resize of [B, h, w, ...] maps to [B, H, W, ...] (half-pixel centres)."""
+def _upsample(maps: jnp.ndarray, output_size: tuple[int, int] | None) -> jnp.ndarray:
+  """Bilinear resize of [B, h, w, ...] maps to [B, H, W, ...] (half-pixel centres); ``None``
+  keeps the maps as they are."""
+  if output_size is None or tuple(maps.shape[1:3]) == tuple(output_size):
+    return maps
   return jax.image.resize(maps, (maps.shape[0], *output_size, *maps.shape[3:]), method="bilinear")
 
 
+@functools.lru_cache(maxsize=None)
+def _interpolation_gram(size: int, output_size: int) -> np.ndarray:
+  """U^T U for the [output_size, size] matrix U of ``_upsample`` along one axis."""
+  with jax.ensure_compile_time_eval():
+    upsample = np.asarray(jax.image.resize(jnp.eye(size, dtype=jnp.float32), (output_size, size),
+                                           method="bilinear"), np.float64)
+  return (upsample.T @ upsample).astype(np.float32)
+
+
+def caf_distance(a: jnp.ndarray, b: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarray:
+  """Per-example MSE between CAFs [B, h, w(, C)] bilinearly upsampled to ``output_size``: [B].
+
+  Upsampling is linear and separable, U = U_h (x) U_w, so sum((U d)^2) = d^T (U_h^T U_h (x)
+  U_w^T U_w) d for d = a - b: computed at h x w with two small Gram matrices, equal (to float
+  rounding) to ``mean((upsample(a) - upsample(b))**2)`` and cheap for any map size.
+  """
+  chex.assert_equal_shape([a, b])
+  chex.assert_rank(a, {3, 4})
+  diff = (a - b).astype(jnp.float32)
+  diff = diff[..., None] if diff.ndim == 3 else diff
+  height, width = output_size
+  if diff.shape[1:3] == (height, width):  # already at the output size
+    return jnp.mean(diff * diff, axis=(1, 2, 3))
+  smoothed = jnp.einsum("ik,bklc->bilc", _interpolation_gram(diff.shape[1], height), diff)
+  smoothed = jnp.einsum("jl,bilc->bijc", _interpolation_gram(diff.shape[2], width), smoothed)
+  return jnp.sum(diff * smoothed, axis=(1, 2, 3)) / (height * width * diff.shape[3])
+
+
 def class_activation_map(features: jnp.ndarray, weights: jnp.ndarray,
-                         output_size: tuple[int, int]) -> jnp.ndarray:
+                         output_size: tuple[int, int] | None) -> jnp.ndarray:
   """ReLU(features . weights), min-max normalised per image, upsampled: [B, H, W]."""
   chex.assert_rank(features, 4)
   chex.assert_equal_shape([features[:, 0, 0, :], weights])
@@ -85,7 +123,7 @@ def class_activation_map(features: jnp.ndarray, weights: jnp.ndarray,
 
 
 def weighted_feature_maps(features: jnp.ndarray, weights: jnp.ndarray,
-                          output_size: tuple[int, int]) -> jnp.ndarray:
+                          output_size: tuple[int, int] | None) -> jnp.ndarray:
   """ReLU(features * weights) per channel, min-max normalised per image, upsampled."""
   chex.assert_rank(features, 4)
   chex.assert_equal_shape([features[:, 0, 0, :], weights])
@@ -94,8 +132,9 @@ def weighted_feature_maps(features: jnp.ndarray, weights: jnp.ndarray,
 
 
 def class_activation_features(features: jnp.ndarray, weights: jnp.ndarray | None, kind: str,
-                              output_size: tuple[int, int]) -> jnp.ndarray:
-  """The CAF of ``kind`` given per-example class weights [B, C] (unused for ``features``)."""
+                              output_size: tuple[int, int] | None) -> jnp.ndarray:
+  """The CAF of ``kind`` given per-example class weights [B, C] (unused for ``features``),
+  upsampled to ``output_size`` (``None``: left at the features' resolution)."""
   if kind == "features":
     return _upsample(features, output_size)
   if kind == "weighted_features":
@@ -115,9 +154,11 @@ def _check_options(kind: str, class_source: str, weights: str) -> None:
 
 
 def make_caf_fn(tapped_apply: taps.TappedApply, kind: str, class_source: str = "prediction",
-                weights: str = "cam", head_kernel: jnp.ndarray | None = None) -> CafFn:
+                weights: str = "cam", head_kernel: jnp.ndarray | None = None,
+                upsample: bool = True) -> CafFn:
   """Builds ``caf(images, labels)`` from ``tapped_apply(images, perturbation) -> (logits,
-  features)`` (see ``models.taps``); ``head_kernel`` [C, K] gives the CAM weights."""
+  features)`` (see ``models.taps``); ``head_kernel`` [C, K] gives the CAM weights. Maps come
+  at the input size, or with ``upsample=False`` at the features' (for ``caf_distance``)."""
   _check_options(kind, class_source, weights)
   if kind != "features" and weights == "cam" and head_kernel is None:
     raise ValueError("caf.weights=cam needs the dense kernel of a GAP + dense head; "
@@ -129,7 +170,7 @@ def make_caf_fn(tapped_apply: taps.TappedApply, kind: str, class_source: str = "
 
   def caf(images: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     chex.assert_rank(images, 4)
-    output_size = images.shape[1:3]
+    output_size = images.shape[1:3] if upsample else None
     if kind == "features" or weights == "cam":
       logits, features = tapped_apply(images, None)
       example_weights = None if kind == "features" else class_weights(

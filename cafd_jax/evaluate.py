@@ -97,7 +97,8 @@ def caf_attack(config: ml_collections.ConfigDict, classifier: nn.Module, params:
 
   def attack(variables, x, y, key):
     caf_fn = denoiser_train.classifier_caf_fn(
-        classifier, variables, **denoiser_train.caf_options(config.caf, config.caf.attack_kind))
+        classifier, variables, **denoiser_train.caf_options(config.caf, config.caf.attack_kind),
+        upsample=False)
     return attacks.caf_attack(caf_fn, x, y, key, **params)
 
   return parallel.jit_batched(attack, mesh, _ATTACK_BATCH_ARGS)

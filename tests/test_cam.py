@@ -100,3 +100,49 @@ def test_caf_is_differentiable_in_the_input(example):
   grad = jax.grad(lambda x: jnp.sum(caf_fn(x, jnp.asarray(labels)) ** 2))(
       jnp.full((3, 8, 8, 3), 0.5))
   assert np.all(np.isfinite(np.asarray(grad)))
+
+
+
+def _upsample_axis_numpy(maps: np.ndarray, axis: int, size: int) -> np.ndarray:
+  """Half-pixel-centre linear upsampling of one axis (as ``_bilinear_numpy``, any axis)."""
+  in_size = maps.shape[axis]
+  src = np.clip((np.arange(size) + 0.5) * in_size / size - 0.5, 0, in_size - 1)
+  low = np.floor(src).astype(int)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = (src - low).reshape([-1 if a == axis else 1 for a in range(maps.ndim)])
+  return np.take(maps, low, axis) * (1 - frac) + np.take(maps, high, axis) * frac
+
+
+@pytest.mark.parametrize("shape, output_size", [((3, 4, 4, 6), (32, 32)), ((3, 2, 2, 5), (32, 32)),
+                                                ((2, 4, 2), (32, 16)), ((2, 3, 5, 4), (7, 9)),
+                                                ((2, 8, 8, 3), (8, 8))])
+def test_caf_distance_is_the_mse_of_the_upsampled_maps(shape, output_size):
+  rng = np.random.default_rng(1)
+  a, b = rng.uniform(size=shape).astype(np.float32), rng.uniform(size=shape).astype(np.float32)
+  upsampled = lambda m: _upsample_axis_numpy(_upsample_axis_numpy(m.astype(np.float64), 1,
+                                                                  output_size[0]),
+                                             2, output_size[1])
+  expected = np.mean((upsampled(a) - upsampled(b)).reshape(shape[0], -1) ** 2, axis=1)
+  got = cam.caf_distance(jnp.asarray(a), jnp.asarray(b), output_size)
+  assert got.shape == (shape[0],)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # and its gradient is that of the upsampled MSE (what the attacks ascend)
+  direct = lambda x: jnp.sum(jnp.mean((cam._upsample(x, output_size)
+                                       - cam._upsample(jnp.asarray(b), output_size)) ** 2,
+                                      axis=tuple(range(1, len(shape)))))
+  np.testing.assert_allclose(
+      jax.grad(lambda x: jnp.sum(cam.caf_distance(x, jnp.asarray(b), output_size)))(jnp.asarray(a)),
+      jax.grad(direct)(jnp.asarray(a)), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["cam", "weighted_features", "features"])
+def test_caf_at_feature_resolution_upsamples_to_the_default(example, kind):
+  features, kernel, labels = example
+  tapped_apply = lambda images, perturbation=None: (jnp.zeros((3, 5)), jnp.asarray(features))
+  images, labels = jnp.zeros((3, 32, 32, 3)), jnp.asarray(labels)
+  full = cam.make_caf_fn(tapped_apply, kind, "label", head_kernel=jnp.asarray(kernel))
+  low = cam.make_caf_fn(tapped_apply, kind, "label", head_kernel=jnp.asarray(kernel),
+                        upsample=False)
+  assert low(images, labels).shape[1:3] == (4, 4)
+  np.testing.assert_allclose(cam._upsample(low(images, labels), (32, 32)), full(images, labels),
+                             atol=1e-6)

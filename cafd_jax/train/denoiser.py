@@ -30,8 +30,9 @@ def caf_options(caf_config, kind: str) -> dict:
 
 def classifier_caf_fn(classifier: nn.Module, classifier_variables: dict, kind: str,
                       class_source: str, weights: str = "cam",
-                      feature_layer: str = taps.DEFAULT_LAYER) -> cam.CafFn:
-  """CAF of a frozen classifier (inference-mode BatchNorm) at ``feature_layer``."""
+                      feature_layer: str = taps.DEFAULT_LAYER, upsample: bool = True) -> cam.CafFn:
+  """CAF of a frozen classifier (inference-mode BatchNorm) at ``feature_layer``, upsampled to
+  the input size unless ``upsample=False`` (see ``cam.make_caf_fn``)."""
   params = classifier_variables["params"]
   head_kernel = None
   if kind != "features" and weights == "cam":
@@ -40,7 +41,7 @@ def classifier_caf_fn(classifier: nn.Module, classifier_variables: dict, kind: s
                        f"gradcam or gradcampp for caf.feature_layer={feature_layer!r}.")
     head_kernel = models.head_kernel(params)
   tapped_apply = taps.tapped_apply_fn(classifier, classifier_variables, feature_layer)
-  return cam.make_caf_fn(tapped_apply, kind, class_source, weights, head_kernel)
+  return cam.make_caf_fn(tapped_apply, kind, class_source, weights, head_kernel, upsample)
 
 
 def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
@@ -53,7 +54,7 @@ def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
            x_natural: jnp.ndarray, labels: jnp.ndarray) -> tuple[DenoiserStates, dict]:
     denoiser_state, disc_state = states
     caf_fn = classifier_caf_fn(classifier, classifier_variables, caf_kind, class_source, weights,
-                               feature_layer)
+                               feature_layer, upsample=False)
     natural_caf = jax.lax.stop_gradient(caf_fn(x_natural, labels))
     real_logits = disc_state.apply_fn({"params": disc_state.params}, x_natural)
 
@@ -61,7 +62,8 @@ def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
       denoised, updates = denoiser_state.apply_fn(
           {"params": params, "batch_stats": denoiser_state.batch_stats}, x_adv, train=True,
           mutable=["batch_stats"])
-      caf_loss = jnp.mean(losses.per_example_mse(caf_fn(denoised, labels), natural_caf))
+      caf_loss = jnp.mean(cam.caf_distance(caf_fn(denoised, labels), natural_caf,
+                                           x_natural.shape[1:3]))
       fake_logits = disc_state.apply_fn({"params": disc_state.params}, denoised)
       gan_loss = losses.relativistic_generator_loss(jax.lax.stop_gradient(real_logits), fake_logits)
       total = caf_weight * caf_loss + gan_weight * gan_loss
