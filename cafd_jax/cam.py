@@ -24,7 +24,7 @@ own prediction (``config.caf.class_source``; the reference uses the prediction o
 The CAF distance (``caf_distance``) is the per-example MSE of the upsampled maps. The attacks and
 the denoiser loss take the maps at feature resolution (``make_caf_fn(..., upsample=False)``) and
 compute that MSE there, through the Gram matrices of bilinear interpolation: the same number,
-without materialising [B, H, W, C] maps (~50x less work for 4x4 -> 32x32, 512 channels).
+without ever building the upsampled [B, H, W, C] maps.
 """
 
 import functools

@@ -1,4 +1,5 @@
-"""Loss functions: CAF distance, cross-entropy, relativistic average GAN losses."""
+"""Loss functions: per-example MSE, cross-entropy, relativistic average GAN losses (the CAF
+distance is ``cam.caf_distance``)."""
 
 import jax.numpy as jnp
 import optax

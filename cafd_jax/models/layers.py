@@ -10,11 +10,12 @@ Two XLA:CPU weak spots, each replaced by an equivalent computation on CPU only (
 * Larger maps (8x8 and up): XLA's kernel gradient is 2-10x slower than the forward pass
   (2.1 s against 0.23 s for 32x32, 64->64 channels, batch 128, on 2 cores). It is computed
   instead as one matrix product per kernel row: [kw*C, B*H'*W'] windows x [B*H'*W', O]
-  output gradient (0.35 s there), or, where the input has many more channels than the output,
-  one product per tap of the input against the shifted output gradient. The forward pass stays XLA's, and so does the input
-  gradient, written (unit strides) as a forward convolution with the flipped, transposed
-  kernel: XLA:CPU gives that form to YNNPACK everywhere, but left autodiff's transposed form
-  to its own, slower convolution inside loops, i.e. in every attack iteration.
+  output gradient (0.35 s there), or, where the input has at least twice the output's
+  channels, one product per tap of the input against the shifted output gradient. The forward
+  pass stays XLA's, and so does the input gradient, written (unit strides) as a forward
+  convolution with the flipped, transposed kernel: XLA:CPU gives that form to YNNPACK
+  everywhere, but left autodiff's transposed form to its own, slower convolution inside loops,
+  i.e. in every attack iteration.
 
 ``conv_general_dilated`` is a drop-in for ``nn.Conv(conv_general_dilated=...)``; ``conv()``
 builds such an ``nn.Conv``. ``Conv3x3`` parameters are named and shaped as in ``nn.Conv``
