@@ -16,8 +16,9 @@ by the number of such calls the config makes:
 
 Runs as one process over its local devices (as the pipeline's one-host runs). Not included:
 compilation, data loading, checkpoint writes, and evaluation beyond the ``unseen`` threat
-model (adaptive attacks, eps sweeps and transfer targets are listed as skipped). Set sizes come from the config, or from --num_train / --num_test where it says 0
-(the whole split; defaults: CIFAR-10's 50,000 and 10,000).
+model (adaptive attacks, eps sweeps and transfer targets are listed as skipped). Set sizes
+come from the config, or from --num_train / --num_test where it says 0 (the whole split;
+defaults: CIFAR-10's 50,000 and 10,000).
 """
 
 import dataclasses

@@ -140,8 +140,7 @@ _WIDE_INPUT = (12, 5)  # in >= 2 * out: kernel gradient by shifted output gradie
     (17, 1, ((0, 2), (1, 0)), 3, _WIDE_INPUT),
     (16, 1, "VALID", 1, _WIDE_INPUT),
 ])
-def test_large_map_kernel_gradient_by_rows_matches_lax(spatial, strides, padding, kernel_size,
-                                                       features):
+def test_large_map_gradients_match_lax(spatial, strides, padding, kernel_size, features):
   x, kernel, apply, cpu_jaxpr = _conv_case(2, spatial, kernel_size, strides, padding, features)
 
   def loss(conv, x, kernel):

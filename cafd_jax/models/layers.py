@@ -32,8 +32,10 @@ from flax import linen as nn
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 MAX_MATMUL_PIXELS = 4 * 4  # output maps up to this size run as patches x kernel on CPU
 MIN_ROW_GRAD_PIXELS = 8 * 8  # output maps from this size get the kernel gradient by rows
-MIN_SHIFTED_GRAD_PIXELS = 16 * 16  # ... or by shifted output gradients, if also
-SHIFTED_GRAD_CHANNEL_RATIO = 2  # in >= this * out channels
+# Unit-stride outputs from this size whose input has >= SHIFTED_GRAD_CHANNEL_RATIO x the
+# output's channels get the kernel gradient by shifted output gradients instead of by rows.
+MIN_SHIFTED_GRAD_PIXELS = 16 * 16
+SHIFTED_GRAD_CHANNEL_RATIO = 2
 
 
 def _windows(padded, row: int, kernel_w: int, strides, out_h: int, out_w: int):
