@@ -191,7 +191,8 @@ def main() -> None:
   if jax.default_backend() == "cpu":
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(os.cpu_count() or 1)
-  print(f"devices {jax.devices()}  batch {args.batch_size}  dtype {args.dtype}", flush=True)
+  print(f"devices {jax.devices()}  batch {args.batch_size}  dtype {args.dtype}  "
+        f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   rows = measure(args.models.split(","), args.batch_size, args.dtype, args.warmup, args.repeats,
                  not args.no_torch, benchmarks)
   if args.out:

@@ -24,6 +24,7 @@ defaults: CIFAR-10's 50,000 and 10,000).
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from typing import Callable
@@ -292,8 +293,8 @@ def main(argv):
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   sizes = set_sizes(config, _NUM_TRAIN.value, _NUM_TEST.value)
-  print(f"devices {jax.devices()}  compute dtype {config.compute_dtype}  examples {sizes}",
-        flush=True)
+  print(f"devices {jax.devices()}  compute dtype {config.compute_dtype}  examples {sizes}  "
+        f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   rows = measure(config, _NUM_TRAIN.value, _NUM_TEST.value, _NUM_CLASSES.value, _REPEATS.value)
   for line in summary(rows):
     print(line)

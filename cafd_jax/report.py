@@ -69,12 +69,13 @@ def integrity_section(findings: Sequence[dict]) -> str:
 
 
 def metadata(seed: int, wall_time_s: float) -> dict:
-  """Versions, devices, seed and wall time of the run that wrote the report."""
+  """Versions, devices, XLA flags, seed and wall time of the run that wrote the report."""
   import flax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   return {"python": sys.version.split()[0], "platform": platform.platform(),
           "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
           "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "seed": seed, "wall_time_s": round(wall_time_s, 1)}
 
 
