@@ -60,7 +60,7 @@ def test_pgd_through_bpda_breaks_a_gradient_masking_preprocessor(trained_tiny):
                                 **params)
   # Zero gradients leave PGD where it started; BPDA follows the real model's gradient.
   np.testing.assert_array_equal(naive, x)
-  assert accuracy(x) >= 0.8, accuracy(x)
+  assert accuracy(x) >= 0.7, accuracy(x)  # the tiny model still reads 4-bit images
   assert accuracy(adaptive) <= accuracy(x) - 0.5, (accuracy(adaptive), accuracy(x))
 
 
