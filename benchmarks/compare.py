@@ -12,6 +12,8 @@ cafd_jax package itself never imports it.
 """
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
@@ -110,22 +112,29 @@ def jax_steps(model: str, batch_size: int, dtype: str) -> dict[str, Step]:
   }
 
 
-def torch_steps(model: str, batch_size: int, device: str) -> dict[str, Callable[[], object]]:
+def torch_steps(model: str, batch_size: int, device: str,
+                dtype: str = "float32") -> dict[str, Callable[[], object]]:
+  """The same three steps in PyTorch (eager, as the original CAFD code runs): float32, or
+  bfloat16 compute with float32 parameters by ``torch.autocast``; on CUDA with cuDNN's
+  algorithm search on (``cudnn.benchmark``), as a PyTorch user would time it."""
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_reference as reference  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
+  torch.backends.cudnn.benchmark = device == "cuda"
+  precision = (functools.partial(torch.autocast, device, dtype=torch.bfloat16)
+               if dtype == "bfloat16" else contextlib.nullcontext)
   x = torch.rand(batch_size, 3, 32, 32, device=device)
   x_adv = torch.clamp(x + 8 / 255 * torch.sign(torch.randn_like(x)), 0, 1)
   y = torch.randint(0, 10, (batch_size,), device=device)
   network = reference.classifier(model).to(device)
   optimizer = torch.optim.SGD(network.parameters(), 0.1, momentum=0.9, weight_decay=5e-4)
-  train = reference.classifier_step(network.train(), optimizer)
+  train = reference.classifier_step(network.train(), optimizer, precision)
   frozen = reference.classifier(model).to(device).eval()
   with torch.no_grad():
     natural = reference.weighted_features(frozen, x, y)
-  attack = reference.caf_attack_step(frozen)
+  attack = reference.caf_attack_step(frozen, precision)
   denoise = reference.denoiser_step(frozen, reference.UNetDenoiser().to(device).train(),
-                                    reference.Discriminator().to(device))
+                                    reference.Discriminator().to(device), precision=precision)
   return {"classifier_step": lambda: train(x, y),
           "caf_attack_step": lambda: attack(x_adv, natural, y),
           "denoiser_step": lambda: denoise(x_adv, x, y)}
@@ -139,7 +148,7 @@ def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, re
   torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   for model in model_names:
     ours = jax_steps(model, batch_size, dtype)
-    theirs = torch_steps(model, batch_size, torch_device) if with_torch else {}
+    theirs = torch_steps(model, batch_size, torch_device, dtype) if with_torch else {}
     if theirs:
       import torch  # pylint: disable=g-import-not-at-top
       sync = (lambda value: torch.cuda.synchronize()) if torch_device == "cuda" else (

@@ -3,8 +3,12 @@
 Benchmark-only: the cafd_jax package never imports torch. Architectures mirror
 cafd_jax/models: VGG-BN and CIFAR ResNet (GAP + dense head), the HGD U-Net denoiser and the
 VGG-style discriminator; the steps mirror cafd_jax/train (classifier SGD step, CAF-attack
-input gradient, CAFD denoiser + discriminator Adam steps).
+input gradient, CAFD denoiser + discriminator Adam steps). Each step takes ``precision``, a
+context manager factory around its forward passes: ``contextlib.nullcontext`` for float32,
+``torch.autocast`` for bfloat16 compute with float32 parameters (PyTorch's mixed precision).
 """
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -136,22 +140,25 @@ def weighted_features(model, x, labels):
   return features * model.head.weight[labels][:, :, None, None]
 
 
-def classifier_step(model, optimizer):
+def classifier_step(model, optimizer, precision=contextlib.nullcontext):
   def step(x, y):
     optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
+    with precision():
+      loss = F.cross_entropy(model(x), y)
     loss.backward()
     optimizer.step()
     return loss
   return step
 
 
-def caf_attack_step(model):
+def caf_attack_step(model, precision=contextlib.nullcontext):
   """One CAF-PGD iteration: the input gradient of the CAF distance to the natural CAF, then a
   signed step."""
   def step(x_adv, natural, y):
     x_adv = x_adv.detach().requires_grad_(True)
-    loss = ((weighted_features(model, x_adv, y) - natural) ** 2).mean(dim=(1, 2, 3)).sum()
+    with precision():
+      caf = weighted_features(model, x_adv, y).float()
+    loss = ((caf - natural) ** 2).mean(dim=(1, 2, 3)).sum()
     (grad,) = torch.autograd.grad(loss, x_adv)
     return torch.clamp(x_adv.detach() + 0.01 * grad.sign(), 0, 1)
   return step
@@ -164,7 +171,8 @@ def relativistic_loss(real, fake):
           + F.binary_cross_entropy_with_logits(fake - real.mean(), zeros)) / 2
 
 
-def denoiser_step(model, denoiser, discriminator, caf_weight=1e3, gan_weight=5e-3):
+def denoiser_step(model, denoiser, discriminator, caf_weight=1e3, gan_weight=5e-3,
+                  precision=contextlib.nullcontext):
   """CAFD step: denoiser on CAF distance + relativistic GAN term, then the discriminator."""
   denoiser_opt = torch.optim.Adam(denoiser.parameters(), 1e-3, weight_decay=2e-4)
   disc_opt = torch.optim.Adam(discriminator.parameters(), 1e-3, weight_decay=2e-4)
@@ -172,19 +180,23 @@ def denoiser_step(model, denoiser, discriminator, caf_weight=1e3, gan_weight=5e-
     parameter.requires_grad_(False)
 
   def step(x_adv, x, y):
-    with torch.no_grad():
-      natural = weighted_features(model, x, y)
-      real = discriminator(x)
+    with torch.no_grad(), precision():
+      natural = weighted_features(model, x, y).float()
+      real = discriminator(x).float()
     denoiser_opt.zero_grad(set_to_none=True)
-    denoised = denoiser(x_adv)
-    caf_loss = ((weighted_features(model, denoised, y) - natural) ** 2).mean()
-    fake = discriminator(denoised)
+    with precision():
+      denoised = denoiser(x_adv)
+      caf = weighted_features(model, denoised, y).float()
+      fake = discriminator(denoised).float()
+    caf_loss = ((caf - natural) ** 2).mean()
     gan_loss = relativistic_loss(fake, real)
     (caf_weight * caf_loss + gan_weight * gan_loss).backward()
     denoiser_opt.step()
     disc_opt.zero_grad(set_to_none=True)
     denoised = denoised.detach()
-    relativistic_loss(discriminator(x), discriminator(denoised)).backward()
+    with precision():
+      real, fake = discriminator(x).float(), discriminator(denoised).float()
+    relativistic_loss(real, fake).backward()
     disc_opt.step()
     return caf_loss
   return step

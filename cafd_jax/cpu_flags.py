@@ -52,7 +52,7 @@ def apply() -> list[str]:
   if _backends_started():
     return []
   current = os.environ.get("XLA_FLAGS", "")
-  added = flags_to_add(current, jaxlib.__version__)
+  added = flags_to_add(current, getattr(jaxlib, "__version__", ""))
   if added:
     os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
   return added
