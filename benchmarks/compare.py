@@ -27,7 +27,6 @@ import numpy as np
 
 from benchmarks import hardware
 from cafd_jax import cam, factory
-from cafd_jax.models import layers
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import denoiser as denoiser_train
 from configs import base
@@ -188,15 +187,11 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--no_torch", action="store_true", help="time this project only")
   parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="a subset to time")
-  parser.add_argument("--min_row_grad_pixels", type=int, default=0,
-                      help="override layers.MIN_ROW_GRAD_PIXELS (CPU kernel-gradient switch)")
   parser.add_argument("--out", default="", help="also write the rows to this JSON file")
   args = parser.parse_args()
   benchmarks = tuple(args.benchmarks.split(","))
   if not set(benchmarks) <= set(BENCHMARKS):
     parser.error(f"--benchmarks: choose from {','.join(BENCHMARKS)}")
-  if args.min_row_grad_pixels:
-    layers.MIN_ROW_GRAD_PIXELS = args.min_row_grad_pixels
   if jax.default_backend() == "cpu":
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(os.cpu_count() or 1)

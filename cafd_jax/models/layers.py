@@ -3,20 +3,21 @@
 Two XLA:CPU weak spots, each replaced by an equivalent computation on CPU only (GPU/TPU run
 ``lax.conv_general_dilated`` unchanged):
 
-* Tiny maps (VGG-19's 2x2 block, ResNet's 4x4 stage on 32x32 inputs): a convolution is ~40x
-  slower than the same arithmetic as one matrix product. ``conv_general_dilated`` gathers the
-  kh*kw shifted windows of the padded input into patches [B, H', W', kh*kw*C] and multiplies
-  them by the kernel [kh*kw*C, O]; its gradients are slices, pads and matrix products too.
-* Larger maps (8x8 and up): XLA's kernel gradient is 2-10x slower than the forward pass
-  (2.1 s against 0.23 s for 32x32, 64->64 channels, batch 128, on 2 cores). It is computed
-  instead as one matrix product per kernel row: [kw*C, B*H'*W'] windows x [B*H'*W', O]
-  output gradient (0.35 s there), or, where the input has at least twice the output's
-  channels, one product per tap of the input against the shifted output gradient. The forward
-  pass stays XLA's, and so does the input gradient, written (unit strides) as a forward
-  convolution with the flipped, transposed kernel: inside loops (every attack iteration)
-  XLA:CPU ran autodiff's transposed form about 2x slower (a 4-iteration VGG-19 CAF attack:
-  17 s against 9 s). ``cafd_jax.cpu_flags`` gives all these convolutions to XLA's own
-  convolution rather than YNNPACK (2x faster on 32x32 maps).
+* Tiny maps (VGG-19's 2x2 block on 32x32 inputs; any output of at most 2x2): the input
+  gradient of a convolution is ~40x slower than the same arithmetic as one matrix product
+  (2x2, 512 -> 512, batch 128: 1.8 s against 47 ms for forward and both gradients).
+  ``conv_general_dilated`` gathers the kh*kw shifted windows of the padded input into patches
+  [B, H', W', kh*kw*C] and multiplies them by the kernel [kh*kw*C, O]; its gradients are
+  slices, pads and matrix products too.
+* Larger maps, inside loops (every attack iteration): XLA:CPU ran the transposed input
+  gradient that autodiff emits about 2x slower than a forward convolution (a 4-iteration
+  VGG-19 CAF attack: 20 s against 9 s). The input gradient is written instead (unit strides)
+  as a forward convolution of the output gradient with the flipped, transposed kernel; the
+  forward pass and the kernel gradient stay XLA's.
+
+``cafd_jax.cpu_flags`` gives all these convolutions to XLA's own convolution rather than
+YNNPACK (2x faster on 32x32 maps); with it, XLA's kernel gradient is also faster than the
+matrix-product forms this module used before (docs/benchmarks.md has the measurements).
 
 ``conv_general_dilated`` is a drop-in for ``nn.Conv(conv_general_dilated=...)``; ``conv()``
 builds such an ``nn.Conv``. ``Conv3x3`` parameters are named and shaped as in ``nn.Conv``
@@ -31,12 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-MAX_MATMUL_PIXELS = 4 * 4  # output maps up to this size run as patches x kernel on CPU
-MIN_ROW_GRAD_PIXELS = 8 * 8  # output maps from this size get the kernel gradient by rows
-# Unit-stride outputs from this size whose input has >= SHIFTED_GRAD_CHANNEL_RATIO x the
-# output's channels get the kernel gradient by shifted output gradients instead of by rows.
-MIN_SHIFTED_GRAD_PIXELS = 16 * 16
-SHIFTED_GRAD_CHANNEL_RATIO = 2
+MAX_MATMUL_PIXELS = 2 * 2  # output maps up to this size run as patches x kernel on CPU
 
 
 def _windows(padded, row: int, kernel_w: int, strides, out_h: int, out_w: int):
@@ -74,49 +70,8 @@ def _xla_conv(x, kernel, strides, padding):
   return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMENSIONS)
 
 
-def _kernel_grad_by_rows(x, grad_out, kernel_shape, strides, padding):
-  """d(sum(conv(x, k) * grad_out))/dk, one [kw*C, N] x [N, O] product per kernel row."""
-  padded = _pad(x, padding)
-  kernel_h, kernel_w, _, _ = kernel_shape
-  out_h, out_w = grad_out.shape[1:3]
-  rows = [jnp.einsum("bhwk,bhwo->ko", _row_patches(padded, row, kernel_w, strides, out_h, out_w),
-                     grad_out, preferred_element_type=jnp.float32)
-          for row in range(kernel_h)]
-  return jnp.stack(rows).reshape(kernel_shape)
-
-
-def _kernel_grad_by_output_shifts(x, grad_out, kernel_shape, padding):
-  """Unit strides: the kernel gradient as one [C, N] x [N, O] product per tap, the padded input
-  against the output gradient shifted by the tap (N = B * padded H * padded W).
-
-  It copies shifted output gradients instead of input windows: cheaper than the rows form when
-  the input has several times the output's channels (the U-Net decoder's 192 -> 64 at 32x32:
-  0.71 s against 1.07 s, batch 128, 2 cores).
-  """
-  padded = _pad(x, padding)
-  kernel_h, kernel_w, _, _ = kernel_shape
-  padded_h, padded_w = padded.shape[1:3]
-  shifted = jnp.pad(grad_out, ((0, 0), (kernel_h - 1, kernel_h - 1), (kernel_w - 1, kernel_w - 1),
-                               (0, 0)))
-  taps = [jnp.einsum("bhwc,bhwo->co", padded,
-                     shifted[:, kernel_h - 1 - row:kernel_h - 1 - row + padded_h,
-                             kernel_w - 1 - col:kernel_w - 1 - col + padded_w],
-                     preferred_element_type=jnp.float32)
-          for row in range(kernel_h) for col in range(kernel_w)]
-  return jnp.stack(taps).reshape(kernel_shape)
-
-
-def _kernel_grad(x, grad_out, kernel_shape, strides, padding):
-  """The cheaper of the two matrix-product forms of the kernel gradient for this shape."""
-  _, _, in_features, out_features = kernel_shape
-  if (tuple(strides) == (1, 1) and in_features >= SHIFTED_GRAD_CHANNEL_RATIO * out_features
-      and grad_out.shape[1] * grad_out.shape[2] >= MIN_SHIFTED_GRAD_PIXELS):
-    return _kernel_grad_by_output_shifts(x, grad_out, kernel_shape, padding)
-  return _kernel_grad_by_rows(x, grad_out, kernel_shape, strides, padding)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_row_kernel_grad(x, kernel, strides, padding):
+def _conv_forward_input_grad(x, kernel, strides, padding):
   return _xla_conv(x, kernel, strides, padding)
 
 
@@ -146,11 +101,11 @@ def _input_grad(x, kernel, strides, padding, grad_out):
 def _backward(strides, padding, residuals, grad_out):
   x, kernel = residuals
   grad_x = _input_grad(x, kernel, strides, padding, grad_out)
-  grad_kernel = _kernel_grad(x, grad_out, kernel.shape, strides, padding)
-  return grad_x, grad_kernel.astype(kernel.dtype)
+  _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k, strides, padding), kernel)  # XLA's own
+  return grad_x, kernel_vjp(grad_out)[0]
 
 
-_conv_row_kernel_grad.defvjp(_forward, _backward)
+_conv_forward_input_grad.defvjp(_forward, _backward)
 
 
 def _padding_pairs(padding, in_shape, kernel_shape, strides) -> tuple:
@@ -162,7 +117,7 @@ def _padding_pairs(padding, in_shape, kernel_shape, strides) -> tuple:
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-  """``lax.conv_general_dilated`` with CPU fast paths for tiny and large NHWC maps.
+  """``lax.conv_general_dilated`` with CPU fast paths for tiny and larger NHWC maps.
 
   Pass as ``nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)``: same parameters,
   same results (to float rounding), any backend.
@@ -185,9 +140,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                 * ((lhs.shape[2] + sum(pairs[1]) - rhs.shape[1]) // strides[1] + 1))
   if out_pixels <= MAX_MATMUL_PIXELS:
     return _as_matmul(lhs, rhs, strides, pairs)
-  if out_pixels >= MIN_ROW_GRAD_PIXELS:
-    return _conv_row_kernel_grad(lhs, rhs, strides, pairs)
-  return plain()
+  return _conv_forward_input_grad(lhs, rhs, strides, pairs)
 
 
 def conv(*args, **kwargs) -> nn.Conv:
