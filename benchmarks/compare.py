@@ -6,15 +6,16 @@
 (b) one CAF-attack step: forward + input gradient of the CAF distance, then a signed step;
 (c) CAFD denoiser train step: U-Net + frozen classifier CAF + relativistic GAN discriminator,
     then the discriminator's own step (both Adam).
-Each is timed after warm-up as the median of several calls; PyTorch runs with all CPU threads
-(or CUDA when JAX runs on a GPU). Needs torch (``pip install torch==2.13.0`` on CPU); the
-cafd_jax package itself never imports it.
+Each is timed after warm-up as the median of several calls; PyTorch runs in a child process of
+its own with all CPU threads (or CUDA when JAX runs on a GPU). Needs torch (``pip install
+torch==2.13.0`` on CPU); the cafd_jax package itself never imports it.
 """
 
 import argparse
 import contextlib
 import functools
 import json
+import multiprocessing
 import os
 import statistics
 import time
@@ -139,19 +140,36 @@ def torch_steps(model: str, batch_size: int, device: str,
           "denoiser_step": lambda: denoise(x_adv, x, y)}
 
 
+def torch_img_s(model: str, batch_size: int, dtype: str, warmup: int, repeats: int,
+                device: str, benchmarks: tuple[str, ...] = BENCHMARKS) -> dict[str, float]:
+  """Images per second of each PyTorch step; ``measure`` runs it in a process of its own."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)
+  steps = torch_steps(model, batch_size, device, dtype)
+  sync = (lambda value: torch.cuda.synchronize()) if device == "cuda" else (lambda value: value)
+  return {name: batch_size / median_seconds(steps[name], warmup, repeats, sync)
+          for name in benchmarks}
+
+
 def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, repeats: int,
             with_torch: bool = True, benchmarks: tuple[str, ...] = BENCHMARKS) -> list[dict]:
   """One row per (model, benchmark): img/s of JAX and PyTorch and their ratio; the JAX step's
-  FLOPs, achieved TFLOP/s and, on a device of ``hardware.PEAK_TFLOPS``, its MFU."""
+  FLOPs, achieved TFLOP/s and, on a device of ``hardware.PEAK_TFLOPS``, its MFU.
+
+  PyTorch's steps run in a fresh child process per model (spawned, no JAX in it): in one
+  process, the thread pools of one framework, still spinning after its steps, slowed the other
+  one's (on 2 CPU cores PyTorch alone ran some steps up to 30% faster than right after JAX).
+  """
   rows = []
   torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   for model in model_names:
+    theirs = {}
+    if with_torch:
+      with multiprocessing.get_context("spawn").Pool(1) as pool:
+        theirs = pool.apply(torch_img_s, (model, batch_size, dtype, warmup, repeats,
+                                          torch_device, benchmarks))
     ours = jax_steps(model, batch_size, dtype)
-    theirs = torch_steps(model, batch_size, torch_device, dtype) if with_torch else {}
-    if theirs:
-      import torch  # pylint: disable=g-import-not-at-top
-      sync = (lambda value: torch.cuda.synchronize()) if torch_device == "cuda" else (
-          lambda value: value)
     for name in benchmarks:
       row = {"model": model, "benchmark": name, "batch_size": batch_size, "dtype": dtype,
              "device": str(jax.devices()[0].device_kind)}
@@ -160,7 +178,7 @@ def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, re
       row["jax_flops"] = ours[name].flops()
       row["jax_tflop_s"], row["jax_mfu"] = hardware.utilisation(row["jax_flops"], seconds, dtype)
       if theirs:
-        row["torch_img_s"] = batch_size / median_seconds(theirs[name], warmup, repeats, sync)
+        row["torch_img_s"] = theirs[name]
         row["ratio"] = row["jax_img_s"] / row["torch_img_s"]
       rows.append(row)
       print(format_row(row), flush=True)
@@ -192,9 +210,6 @@ def main() -> None:
   benchmarks = tuple(args.benchmarks.split(","))
   if not set(benchmarks) <= set(BENCHMARKS):
     parser.error(f"--benchmarks: choose from {','.join(BENCHMARKS)}")
-  if jax.default_backend() == "cpu":
-    import torch  # pylint: disable=g-import-not-at-top
-    torch.set_num_threads(os.cpu_count() or 1)
   print(f"devices {jax.devices()}  batch {args.batch_size}  dtype {args.dtype}  "
         f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   rows = measure(args.models.split(","), args.batch_size, args.dtype, args.warmup, args.repeats,
