@@ -157,9 +157,10 @@ def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, re
   """One row per (model, benchmark): img/s of JAX and PyTorch and their ratio; the JAX step's
   FLOPs, achieved TFLOP/s and, on a device of ``hardware.PEAK_TFLOPS``, its MFU.
 
-  PyTorch's steps run in a fresh child process per model (spawned, no JAX in it): in one
-  process, the thread pools of one framework, still spinning after its steps, slowed the other
-  one's (on 2 CPU cores PyTorch alone ran some steps up to 30% faster than right after JAX).
+  PyTorch's steps run in a fresh child process per model (spawned, no JAX in it), so that
+  neither framework's thread pools, which keep spinning for a while after a step, take cores
+  from the other's (in one check on 2 CPU cores, PyTorch alone ran some steps up to 30% faster
+  than right after JAX in the same process).
   """
   rows = []
   torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
