@@ -2,8 +2,9 @@
 # The accelerator measurements of docs/benchmarks.md in one run (its length on a GPU is not
 # known yet: the one try so far ran past a 590 s limit, see docs/benchmarks.md): the three-step
 # table against PyTorch (when a CUDA torch is installed) and the stage times of
-# configs/cifar10_vgg19.py, float32 then bfloat16, with TFLOP/s and MFU. Each part writes its log to OUT_DIR as it goes, has its own time limit
-# (PART_TIMEOUT seconds, default 240) and does not stop the parts after it when it fails.
+# configs/cifar10_vgg19.py, float32 then bfloat16, with TFLOP/s and MFU. Each part writes its
+# log to OUT_DIR as it goes, has its own time limit (PART_TIMEOUT seconds, default 240) and
+# does not stop the parts after it when it fails.
 #
 #   [PYTHON=...] benchmarks/accelerator.sh [OUT_DIR]      (default: benchmark_results/)
 #
