@@ -6,9 +6,10 @@
 (b) one CAF-attack step: forward + input gradient of the CAF distance, then a signed step;
 (c) CAFD denoiser train step: U-Net + frozen classifier CAF + relativistic GAN discriminator,
     then the discriminator's own step (both Adam).
-Each is timed after warm-up as the median of several calls; PyTorch runs in a child process of
-its own with all CPU threads (or CUDA when JAX runs on a GPU). Needs torch (``pip install
-torch==2.13.0`` on CPU); the cafd_jax package itself never imports it.
+Each is timed after warm-up in rounds that alternate one call of this project's step with one of
+PyTorch's (in a child process of its own with all CPU threads, or CUDA when JAX runs on a GPU);
+a row gives each side's median img/s and the median and range of the per-round ratios. Needs
+torch (``pip install torch==2.13.0`` on CPU); the cafd_jax package itself never imports it.
 """
 
 import argparse
@@ -33,6 +34,9 @@ from cafd_jax.train import denoiser as denoiser_train
 from configs import base
 
 BENCHMARKS = ("classifier_step", "caf_attack_step", "denoiser_step")
+# Pause before each timed call of the paired rounds, so that the other framework's worker
+# threads, which spin for a while after its call before they sleep, are idle.
+SETTLE_SECONDS = 0.2
 
 
 class Step(NamedTuple):
@@ -42,16 +46,17 @@ class Step(NamedTuple):
   flops: Callable[[], float | None]
 
 
+def timed_call(run: Callable[[], object], wait: Callable[[object], object]) -> float:
+  start = time.perf_counter()
+  wait(run())
+  return time.perf_counter() - start
+
+
 def median_seconds(run: Callable[[], object], warmup: int, repeats: int,
-                    wait: Callable[[object], object]) -> float:
+                   wait: Callable[[object], object]) -> float:
   for _ in range(warmup):
     wait(run())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    wait(run())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(timed_call(run, wait) for _ in range(repeats))
 
 
 def _config(model: str, dtype: str) -> ml_collections.ConfigDict:
@@ -140,47 +145,98 @@ def torch_steps(model: str, batch_size: int, device: str,
           "denoiser_step": lambda: denoise(x_adv, x, y)}
 
 
-def torch_img_s(model: str, batch_size: int, dtype: str, warmup: int, repeats: int,
-                device: str, benchmarks: tuple[str, ...] = BENCHMARKS) -> dict[str, float]:
-  """Images per second of each PyTorch step; ``measure`` runs it in a process of its own."""
+def _torch_worker(connection, model: str, batch_size: int, dtype: str, device: str,
+                  warmup: int, benchmarks: tuple[str, ...]) -> None:
+  """Child process: builds and warms up PyTorch's steps, says ``"ready"``, then times one call
+  of each step name it receives (seconds back) until it receives ``None``."""
   import torch  # pylint: disable=g-import-not-at-top
   if device == "cpu":
     torch.set_num_threads(os.cpu_count() or 1)
   steps = torch_steps(model, batch_size, device, dtype)
   sync = (lambda value: torch.cuda.synchronize()) if device == "cuda" else (lambda value: value)
-  return {name: batch_size / median_seconds(steps[name], warmup, repeats, sync)
-          for name in benchmarks}
+  for name in benchmarks:
+    for _ in range(warmup):
+      sync(steps[name]())
+  connection.send("ready")
+  while (name := connection.recv()) is not None:
+    time.sleep(SETTLE_SECONDS)
+    connection.send(timed_call(steps[name], sync))
+
+
+def paired_seconds(ours: Callable[[str], float], theirs: Callable[[str], float],
+                   benchmarks: tuple[str, ...], repeats: int) -> dict[str, list[tuple]]:
+  """``repeats`` rounds; in each, one timed call per benchmark of ours and of theirs back to
+  back, ours first in even rounds and theirs first in odd ones, so that the machine's drift
+  (other load, clocks, caches) falls on both alike. Returns (ours, theirs) seconds per round."""
+  pairs = {name: [] for name in benchmarks}
+  for round_index in range(repeats):
+    for name in benchmarks:
+      if round_index % 2 == 0:
+        first = ours(name)
+        pairs[name].append((first, theirs(name)))
+      else:
+        first = theirs(name)
+        pairs[name].append((ours(name), first))
+  return pairs
 
 
 def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, repeats: int,
             with_torch: bool = True, benchmarks: tuple[str, ...] = BENCHMARKS) -> list[dict]:
-  """One row per (model, benchmark): img/s of JAX and PyTorch and their ratio; the JAX step's
-  FLOPs, achieved TFLOP/s and, on a device of ``hardware.PEAK_TFLOPS``, its MFU.
+  """One row per (model, benchmark): img/s of JAX and PyTorch (medians) and the median of the
+  per-round ratios; the JAX step's FLOPs, achieved TFLOP/s and, on a device of
+  ``hardware.PEAK_TFLOPS``, its MFU.
 
-  PyTorch's steps run in a fresh child process per model (spawned, no JAX in it), so that
-  neither framework's thread pools, which keep spinning for a while after a step, take cores
-  from the other's (in one check on 2 CPU cores, PyTorch alone ran some steps up to 30% faster
-  than right after JAX in the same process).
+  PyTorch's steps live in a child process per model (spawned, no JAX in it), which times one
+  call when asked and otherwise waits; the two frameworks' calls alternate round by round
+  (``paired_seconds``), so a slow spell of the machine slows both sides of a round, and each
+  ratio compares calls made seconds apart.
   """
   rows = []
   torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   for model in model_names:
-    theirs = {}
-    if with_torch:
-      with multiprocessing.get_context("spawn").Pool(1) as pool:
-        theirs = pool.apply(torch_img_s, (model, batch_size, dtype, warmup, repeats,
-                                          torch_device, benchmarks))
     ours = jax_steps(model, batch_size, dtype)
+    for name in benchmarks:
+      for _ in range(warmup):
+        jax.block_until_ready(ours[name].run())
+
+    def time_ours(name):
+      time.sleep(SETTLE_SECONDS)
+      return timed_call(ours[name].run, jax.block_until_ready)
+
+    if with_torch:
+      context = multiprocessing.get_context("spawn")
+      connection, child_end = context.Pipe()
+      worker = context.Process(target=_torch_worker, args=(
+          child_end, model, batch_size, dtype, torch_device, warmup, benchmarks), daemon=True)
+      worker.start()
+      try:
+        if connection.recv() != "ready":
+          raise RuntimeError("the PyTorch child process did not start")
+
+        def time_theirs(name):
+          connection.send(name)
+          return connection.recv()
+
+        pairs = paired_seconds(time_ours, time_theirs, benchmarks, repeats)
+        connection.send(None)
+      finally:
+        worker.join(timeout=60)
+        if worker.is_alive():
+          worker.terminate()
+    else:
+      pairs = {name: [(time_ours(name), None) for _ in range(repeats)] for name in benchmarks}
     for name in benchmarks:
       row = {"model": model, "benchmark": name, "batch_size": batch_size, "dtype": dtype,
              "device": str(jax.devices()[0].device_kind)}
-      seconds = median_seconds(ours[name].run, warmup, repeats, jax.block_until_ready)
+      seconds = statistics.median(ours_s for ours_s, _ in pairs[name])
       row["jax_img_s"] = batch_size / seconds
       row["jax_flops"] = ours[name].flops()
       row["jax_tflop_s"], row["jax_mfu"] = hardware.utilisation(row["jax_flops"], seconds, dtype)
-      if theirs:
-        row["torch_img_s"] = theirs[name]
-        row["ratio"] = row["jax_img_s"] / row["torch_img_s"]
+      if with_torch:
+        row["torch_img_s"] = batch_size / statistics.median(t for _, t in pairs[name])
+        ratios = [theirs_s / ours_s for ours_s, theirs_s in pairs[name]]
+        row["ratio"] = statistics.median(ratios)
+        row["ratio_range"] = (min(ratios), max(ratios))
       rows.append(row)
       print(format_row(row), flush=True)
   return rows
@@ -193,7 +249,9 @@ def format_row(row: dict) -> str:
   if row.get("jax_mfu") is not None:
     text += f" MFU {100 * row['jax_mfu']:4.1f}%"
   if "torch_img_s" in row:
-    text += f"  torch {row['torch_img_s']:8.1f} img/s  jax/torch {row['ratio']:.2f}"
+    low, high = row["ratio_range"]
+    text += (f"  torch {row['torch_img_s']:8.1f} img/s  jax/torch {row['ratio']:.2f}"
+             f" ({low:.2f}-{high:.2f})")
   return text
 
 
@@ -203,7 +261,7 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=5, help="timed rounds per step")
   parser.add_argument("--no_torch", action="store_true", help="time this project only")
   parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="a subset to time")
   parser.add_argument("--out", default="", help="also write the rows to this JSON file")

@@ -1,10 +1,11 @@
-"""The benchmark tools: FLOP counts, MFU, and the stage-time extrapolation of a config."""
+"""The benchmark tools: FLOP counts, MFU, paired timing rounds, and the stage-time extrapolation
+of a config."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import hardware, stages
+from benchmarks import compare, hardware, stages
 
 
 def test_compiled_flops_count_a_matrix_product():
@@ -23,6 +24,23 @@ def test_utilisation_against_the_listed_peak(monkeypatch):
   monkeypatch.delitem(hardware.PEAK_TFLOPS, kind)
   assert hardware.utilisation(3e12, 1.5, "float32") == (pytest.approx(2.0), None)
   assert hardware.utilisation(None, 1.5, "float32") == (None, None)
+
+
+def test_paired_rounds_alternate_which_side_goes_first():
+  calls = []
+
+  def side(tag, seconds):
+    def call(name):
+      calls.append((tag, name))
+      return seconds[name]
+    return call
+
+  pairs = compare.paired_seconds(side("ours", {"a": 1.0, "b": 3.0}),
+                                 side("theirs", {"a": 2.0, "b": 5.0}), ("a", "b"), repeats=3)
+  assert pairs == {"a": [(1.0, 2.0)] * 3, "b": [(3.0, 5.0)] * 3}  # always (ours, theirs)
+  assert calls[:4] == [("ours", "a"), ("theirs", "a"), ("ours", "b"), ("theirs", "b")]
+  assert calls[4:8] == [("theirs", "a"), ("ours", "a"), ("theirs", "b"), ("ours", "b")]
+  assert calls[8:] == calls[:4] and len(calls) == 12
 
 
 def test_iterations_extrapolate_linearly_from_two_and_four():
