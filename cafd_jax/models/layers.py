@@ -98,9 +98,25 @@ def _input_grad(x, kernel, strides, padding, grad_out):
   return _xla_conv(grad_out, flipped, (1, 1), pad)
 
 
+def _materialized(x, kernel):
+  """``x`` as a buffer of its own: an XLA conditional is never fused with its operands or users.
+
+  The kernel gradient's convolution wants ``x`` channels-first, so XLA:CPU transposes it; left
+  alone, it fuses ``x``'s element-wise producers (batch norm, ReLU, residual sums) into that
+  transpose and recomputes them in the transposed order, 4-7x slower than transposing ``x``
+  from memory (ResNet-18 classifier step: 1.76 s of such transposes against 0.41 s).
+  ``lax.optimization_barrier`` does not stop this (XLA:CPU removes it before fusion). Both
+  branches return ``x``; the predicate reads the kernel (replicated, unlike a batch-sharded
+  ``x``) and is false only for a NaN.
+  """
+  first = kernel.reshape(-1)[0]
+  return jax.lax.cond(first == first, lambda value: value, lambda value: value + 0, x)
+
+
 def _backward(strides, padding, residuals, grad_out):
   x, kernel = residuals
   grad_x = _input_grad(x, kernel, strides, padding, grad_out)
+  x = _materialized(x, kernel)
   _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k, strides, padding), kernel)  # XLA's own
   return grad_x, kernel_vjp(grad_out)[0]
 
