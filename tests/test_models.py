@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from cafd_jax import models
 from cafd_jax.models import layers
@@ -158,6 +159,31 @@ def test_large_map_gradients_match_lax(spatial, strides, padding, kernel_size, f
     kernel_grad = jax.make_jaxpr(jax.grad(functools.partial(loss, layers.conv_general_dilated),
                                           1))(x, kernel)
     assert "cond[" in str(kernel_grad)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 5), (2, 4, 6, 3), (2, 5, 4, 3)])
+def test_max_pool_matches_flax_on_ties_to_second_order(shape):
+  """Integer-valued inputs tie often: the gradient must go to the first maximum of a window, as
+  nn.max_pool's does (odd sizes take nn.max_pool itself)."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  x = jax.random.randint(keys[0], shape, 0, 3).astype(jnp.float32)
+  weights = jax.random.normal(keys[1], (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+  flax_pool = lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))
+
+  def loss(pool, z):
+    return jnp.sum(jnp.sin(pool(z)) * weights)
+
+  def input_gradient_norm(pool, z):
+    return jnp.sum(jax.grad(functools.partial(loss, pool))(z * z) ** 2)
+
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), flax_pool(x))
+  for objective in (loss, input_gradient_norm):
+    got = jax.grad(functools.partial(objective, layers.max_pool_2x2))(x)
+    want = jax.grad(functools.partial(objective, flax_pool))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  if jax.default_backend() == "cpu" and shape[1] % 2 == 0:
+    assert "reduce_window" not in str(jax.make_jaxpr(jax.grad(
+        functools.partial(loss, layers.max_pool_2x2)))(x))
 
 
 def test_resnet_parameter_names_are_those_of_nn_conv():

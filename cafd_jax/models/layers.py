@@ -1,7 +1,7 @@
-"""Convolutions that are fast on XLA:CPU, with the parameters and results of ``nn.Conv``.
+"""Convolutions and pooling that are fast on XLA:CPU, with the parameters and results of Flax's.
 
-Two XLA:CPU weak spots, each replaced by an equivalent computation on CPU only (GPU/TPU run
-``lax.conv_general_dilated`` unchanged):
+XLA:CPU weak spots, each replaced by an equivalent computation on CPU only (GPU/TPU run
+``lax.conv_general_dilated`` and ``nn.max_pool`` unchanged):
 
 * Tiny maps (VGG-19's 2x2 block on 32x32 inputs; any output of at most 2x2): the input
   gradient of a convolution is ~40x slower than the same arithmetic as one matrix product
@@ -14,6 +14,11 @@ Two XLA:CPU weak spots, each replaced by an equivalent computation on CPU only (
   VGG-19 CAF attack: 20 s against 9 s). The input gradient is written instead (unit strides)
   as a forward convolution of the output gradient with the flipped, transposed kernel; the
   forward pass and the kernel gradient stay XLA's.
+* Max pooling (VGG): the gradient of ``nn.max_pool`` (select-and-scatter over packed values
+  and indices) took 187 ms for a [128, 32, 32, 64] map on 2 cores; ``max_pool_2x2`` writes it
+  as element-wise masks of the window's first maximum (62 ms), same values and gradients.
+* Kernel gradients: XLA:CPU transposes the convolution's input channels-first for them, and
+  recomputed the input's batch norm and ReLU inside that transpose (``_materialized``).
 
 ``cafd_jax.cpu_flags`` gives all these convolutions to XLA's own convolution rather than
 YNNPACK (2x faster on 32x32 maps); with it, XLA's kernel gradient is also faster than the
@@ -21,7 +26,7 @@ matrix-product forms this module used before (docs/benchmarks.md has the measure
 
 ``conv_general_dilated`` is a drop-in for ``nn.Conv(conv_general_dilated=...)``; ``conv()``
 builds such an ``nn.Conv``. ``Conv3x3`` parameters are named and shaped as in ``nn.Conv``
-(kernel [3, 3, in, out], bias [out]). Both paths stay differentiable to any order in reverse
+(kernel [3, 3, in, out], bias [out]). Every path stays differentiable to any order in reverse
 mode (the attacks differentiate through Grad-CAM weights).
 """
 
@@ -182,3 +187,51 @@ class Conv3x3(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
     return y
+
+
+def _window_corners(x):
+  """The four taps of each 2x2 window, in row-major window order: [B, H/2, W/2, C] each."""
+  return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
+@jax.custom_vjp
+def _max_pool_2x2_first_max(x):
+  top_left, top_right, bottom_left, bottom_right = _window_corners(x)
+  return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
+
+
+def _max_pool_forward(x):
+  pooled = _max_pool_2x2_first_max(x)
+  return pooled, (x, pooled)
+
+
+def _max_pool_backward(residuals, grad_out):
+  """The whole output gradient to the first maximum of each window in row-major order, as
+  XLA's select-and-scatter gives it to ``nn.max_pool``, by element-wise masks."""
+  x, pooled = residuals
+  taken = jnp.zeros(pooled.shape, bool)
+  grads = []
+  for corner in _window_corners(x)[:3]:
+    chosen = (corner == pooled) & ~taken
+    taken = taken | chosen
+    grads.append(jnp.where(chosen, grad_out, 0))
+  grads.append(jnp.where(taken, 0, grad_out))  # no earlier corner is the maximum
+  top = jnp.stack(grads[:2], axis=3)  # [B, H/2, W/2, 2, C]
+  bottom = jnp.stack(grads[2:], axis=3)
+  return (jnp.stack([top, bottom], axis=2).reshape(x.shape),)  # [B, H/2, 2, W/2, 2, C]
+
+
+_max_pool_2x2_first_max.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+def max_pool_2x2(x):
+  """``nn.max_pool(x, (2, 2), strides=(2, 2))`` with the same values and gradients.
+
+  On CPU, for NHWC inputs of even height and width, as the maximum of the four window corners
+  with a custom gradient of element-wise masks: XLA:CPU runs ``nn.max_pool``'s gradient
+  (select-and-gather / select-and-scatter over packed values and indices) slowly inside the
+  attacks' input gradients.
+  """
+  if jax.default_backend() != "cpu" or x.ndim != 4 or x.shape[1] % 2 or x.shape[2] % 2:
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+  return _max_pool_2x2_first_max(x)

@@ -36,7 +36,7 @@ class VGG(nn.Module):
     h = common.normalize(x, self.mean, self.std).astype(self.dtype)
     for item in self.layout:
       if item == "M":
-        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+        h = layers.max_pool_2x2(h)
         continue
       h = layers.Conv3x3(common.scaled(item, self.width), dtype=self.dtype)(h)
       h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)
