@@ -108,7 +108,7 @@ def _materialized(x, kernel):
 
   The kernel gradient's convolution wants ``x`` channels-first, so XLA:CPU transposes it; left
   alone, it fuses ``x``'s element-wise producers (batch norm, ReLU, residual sums) into that
-  transpose and recomputes them in the transposed order, 4-7x slower than transposing ``x``
+  transpose and recomputes them in the transposed order, 3-7x slower than transposing ``x``
   from memory (ResNet-18 classifier step: 1.76 s of such transposes against 0.41 s).
   ``lax.optimization_barrier`` does not stop this (XLA:CPU removes it before fusion). Both
   branches return ``x``; the predicate reads the kernel (replicated, unlike a batch-sharded
