@@ -201,21 +201,24 @@ def _max_pool_2x2_first_max(x):
 
 
 def _max_pool_forward(x):
-  pooled = _max_pool_2x2_first_max(x)
-  return pooled, (x, pooled)
+  return _max_pool_2x2_first_max(x), x
 
 
-def _max_pool_backward(residuals, grad_out):
+def _max_pool_backward(x, grad_out):
   """The whole output gradient to the first maximum of each window in row-major order, as
-  XLA's select-and-scatter gives it to ``nn.max_pool``, by element-wise masks."""
-  x, pooled = residuals
-  taken = jnp.zeros(pooled.shape, bool)
-  grads = []
-  for corner in _window_corners(x)[:3]:
-    chosen = (corner == pooled) & ~taken
-    taken = taken | chosen
-    grads.append(jnp.where(chosen, grad_out, 0))
-  grads.append(jnp.where(taken, 0, grad_out))  # no earlier corner is the maximum
+  XLA's select-and-scatter gives it to ``nn.max_pool``, by element-wise masks.
+
+  The masks compare the corners with one another, never with the saved forward output: XLA
+  may recompute ``x`` here from its producers, one rounding apart from the forward's values,
+  and an equality test against the forward maximum could then pick no corner or a wrong one.
+  """
+  top_left, top_right, bottom_left, bottom_right = _window_corners(x)
+  masks = (
+      (top_left >= top_right) & (top_left >= bottom_left) & (top_left >= bottom_right),
+      (top_right > top_left) & (top_right >= bottom_left) & (top_right >= bottom_right),
+      (bottom_left > top_left) & (bottom_left > top_right) & (bottom_left >= bottom_right),
+      (bottom_right > top_left) & (bottom_right > top_right) & (bottom_right > bottom_left))
+  grads = [jnp.where(mask, grad_out, 0) for mask in masks]
   top = jnp.stack(grads[:2], axis=3)  # [B, H/2, W/2, 2, C]
   bottom = jnp.stack(grads[2:], axis=3)
   return (jnp.stack([top, bottom], axis=2).reshape(x.shape),)  # [B, H/2, 2, W/2, 2, C]
