@@ -52,10 +52,14 @@ def timed_call(run: Callable[[], object], wait: Callable[[object], object]) -> f
   return time.perf_counter() - start
 
 
+def warm_up(run: Callable[[], object], calls: int, wait: Callable[[object], object]) -> None:
+  for _ in range(calls):
+    wait(run())
+
+
 def median_seconds(run: Callable[[], object], warmup: int, repeats: int,
                    wait: Callable[[object], object]) -> float:
-  for _ in range(warmup):
-    wait(run())
+  warm_up(run, warmup, wait)
   return statistics.median(timed_call(run, wait) for _ in range(repeats))
 
 
@@ -155,8 +159,7 @@ def _torch_worker(connection, model: str, batch_size: int, dtype: str, device: s
   steps = torch_steps(model, batch_size, device, dtype)
   sync = (lambda value: torch.cuda.synchronize()) if device == "cuda" else (lambda value: value)
   for name in benchmarks:
-    for _ in range(warmup):
-      sync(steps[name]())
+    warm_up(steps[name], warmup, sync)
   connection.send("ready")
   while (name := connection.recv()) is not None:
     time.sleep(SETTLE_SECONDS)
@@ -172,11 +175,12 @@ def paired_seconds(ours: Callable[[str], float], theirs: Callable[[str], float],
   for round_index in range(repeats):
     for name in benchmarks:
       if round_index % 2 == 0:
-        first = ours(name)
-        pairs[name].append((first, theirs(name)))
+        ours_seconds = ours(name)
+        theirs_seconds = theirs(name)
       else:
-        first = theirs(name)
-        pairs[name].append((ours(name), first))
+        theirs_seconds = theirs(name)
+        ours_seconds = ours(name)
+      pairs[name].append((ours_seconds, theirs_seconds))
   return pairs
 
 
@@ -196,8 +200,7 @@ def measure(model_names: list[str], batch_size: int, dtype: str, warmup: int, re
   for model in model_names:
     ours = jax_steps(model, batch_size, dtype)
     for name in benchmarks:
-      for _ in range(warmup):
-        jax.block_until_ready(ours[name].run())
+      warm_up(ours[name].run, warmup, jax.block_until_ready)
 
     def time_ours(name):
       time.sleep(SETTLE_SECONDS)
