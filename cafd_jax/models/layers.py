@@ -15,9 +15,9 @@ XLA:CPU weak spots, each replaced by an equivalent computation on CPU only (GPU/
   as a forward convolution of the output gradient with the flipped, transposed kernel; the
   forward pass and the kernel gradient stay XLA's.
 * Max pooling (VGG): the gradient of ``nn.max_pool`` (select-and-scatter over packed values
-  and indices) took 187 ms for a [128, 32, 32, 64] map on 2 cores; ``max_pool_2x2`` writes it
-  as element-wise masks of the window's first maximum (62 ms, measured before the masks
-  compared corners with one another), same values and gradients.
+  and indices) took 208 ms (forward and gradient) for a [128, 32, 32, 64] map on 2 cores;
+  ``max_pool_2x2`` writes it as element-wise masks of the window's first maximum (63 ms), same
+  values and gradients.
 * Kernel gradients: XLA:CPU transposes the convolution's input channels-first for them, and
   recomputed the input's batch norm and ReLU inside that transpose (``_materialized``).
 
