@@ -1,6 +1,10 @@
 """The benchmark tools: FLOP counts, MFU, paired timing rounds, and the stage-time extrapolation
 of a config."""
 
+import os
+import pathlib
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -101,3 +105,38 @@ def test_measure_times_the_denoiser_stages(tiny_config):
       ("evaluate", "fgsm attack"): 1, ("evaluate", "predict behind none"): 1,
       ("evaluate", "predict behind cafd"): 1, ("evaluate", "predict behind pixel"): 1}
   assert all(row.flops > 1e6 for row in rows if row.stage.startswith("train"))
+
+
+ACCELERATOR_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "accelerator.sh"
+
+
+def _run_accelerator_script(tmp_path, *args):
+  """accelerator.sh with PYTHON set to a stub that logs its arguments and fails on bfloat16."""
+  calls = tmp_path / "calls.txt"
+  stub = tmp_path / "python"
+  stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\necho "stub $*"\n'
+                  '[[ "$*" != *bfloat16* ]]\n')
+  stub.chmod(0o755)
+  result = subprocess.run(["bash", str(ACCELERATOR_SCRIPT), *args], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHON=str(stub)), timeout=60)
+  lines = calls.read_text().splitlines() if calls.exists() else []
+  return result, [line for line in lines if "import torch" not in line]
+
+
+def test_accelerator_script_runs_the_named_parts_and_reports_failures(tmp_path):
+  out = tmp_path / "results"
+  result, calls = _run_accelerator_script(tmp_path, str(out), "stages_bfloat16",
+                                          "compare_float32")
+  assert result.returncode == 1 and "failed or timed out: stages_bfloat16" in result.stdout
+  assert len(calls) == 2  # in the order given; the failing first part did not stop the second
+  assert calls[0].startswith("-m benchmarks.stages") and "compute_dtype=bfloat16" in calls[0]
+  assert calls[1].startswith("-m benchmarks.compare") and "--dtype float32" in calls[1]
+  assert f"--out {out}/compare_float32.json" in calls[1]
+  assert (out / "compare_float32.log").read_text().startswith("stub -m benchmarks.compare")
+
+
+def test_accelerator_script_refuses_an_unknown_part_before_running_anything(tmp_path):
+  out = tmp_path / "results"
+  result, calls = _run_accelerator_script(tmp_path, str(out), "compare_float32", "stages_fp8")
+  assert result.returncode == 2 and "unknown part 'stages_fp8'" in result.stderr
+  assert calls == [] and not out.exists()
