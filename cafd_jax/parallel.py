@@ -9,9 +9,11 @@ processes) join through ``jax.distributed.initialize`` first; each then feeds on
 rows of every global batch.
 """
 
+import os
 import queue
+import re
 import threading
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -38,7 +40,49 @@ def initialize(config: ml_collections.ConfigDict) -> None:
   if settings.get("coordinator_address", ""):
     kwargs = dict(coordinator_address=settings.coordinator_address,
                   num_processes=settings.num_processes, process_id=settings.process_id)
+  else:
+    device_ids = slurm_local_device_ids(os.environ)
+    if device_ids is not None:
+      kwargs = dict(local_device_ids=device_ids)
   jax.distributed.initialize(**kwargs)
+
+
+def _tasks_on_this_node(environ: Mapping[str, str]) -> int | None:
+  """This node's task count from SLURM's compressed list, e.g. '8(x3),4' and SLURM_NODEID."""
+  listing = environ.get("SLURM_STEP_TASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE", ""))
+  counts = []
+  for entry in filter(None, listing.split(",")):
+    match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", entry)
+    if match is None:
+      return None
+    counts += [int(match.group(1))] * int(match.group(2) or 1)
+  node = int(environ.get("SLURM_NODEID", "0"))
+  return counts[node] if node < len(counts) else None
+
+
+def slurm_local_device_ids(environ: Mapping[str, str]) -> list[int] | None:
+  """The GPUs of ``CUDA_VISIBLE_DEVICES`` (indices) that this SLURM task drives; None: JAX's.
+
+  JAX's SLURM detection gives task ``SLURM_LOCALID`` the single GPU of that index: right for
+  one task per GPU (launch/slurm_gpu.sbatch), wrong for one task per node (it would drive one
+  GPU of eight) and for tasks that SLURM binds to their own GPUs (``--gpus-per-task``,
+  ``--gpu-bind``: a task sees only those, from index 0). Here the node's visible GPUs are
+  split evenly over its tasks, and a task that sees fewer GPUs than the node has tasks, or
+  has ``--gpus-per-task``, drives all it sees. None outside SLURM, without
+  ``CUDA_VISIBLE_DEVICES``, or with ``JAX_LOCAL_DEVICE_IDS`` set (JAX reads that itself).
+  """
+  if ("SLURM_JOB_ID" not in environ or "JAX_LOCAL_DEVICE_IDS" in environ
+      or not environ.get("CUDA_VISIBLE_DEVICES")):
+    return None
+  visible = len(environ["CUDA_VISIBLE_DEVICES"].split(","))
+  tasks = _tasks_on_this_node(environ)
+  if "SLURM_GPUS_PER_TASK" in environ or (tasks is not None and visible < tasks):
+    return list(range(visible))
+  if tasks is None or visible % tasks:
+    return None
+  per_task = visible // tasks
+  first = int(environ.get("SLURM_LOCALID", "0")) * per_task
+  return list(range(first, first + per_task))
 
 
 def is_primary() -> bool:

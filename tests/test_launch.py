@@ -1,0 +1,128 @@
+"""launch/: the SLURM script's process and GPU layout, and the TPU pod script's command line.
+
+No cluster here: SLURM is imitated by an ``srun`` that starts the tasks as local processes with
+the variables SLURM gives them, and ``gcloud`` by one that runs the worker command locally.
+"""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from cafd_jax import parallel
+
+from conftest import ROOT
+
+SLURM_PORTS = (65535 - 2**12 + 1, 65535)  # JAX's SLURM coordinator port: job id % 4096 + first
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, None),  # not SLURM
+    ({"SLURM_JOB_ID": "7", "SLURM_TASKS_PER_NODE": "1(x4)"}, None),  # no GPUs listed
+    ({"SLURM_JOB_ID": "7", "SLURM_TASKS_PER_NODE": "1(x4)", "SLURM_NODEID": "2",
+      "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, list(range(8))),  # one task drives the node
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_LOCALID": "5",
+      "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, [5]),  # one task per GPU, as JAX does
+    ({"SLURM_JOB_ID": "7", "SLURM_TASKS_PER_NODE": "2,4", "SLURM_NODEID": "1",
+      "SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, [6, 7]),  # 4 on node 1
+    ({"SLURM_JOB_ID": "7", "SLURM_TASKS_PER_NODE": "8", "SLURM_LOCALID": "5",
+      "CUDA_VISIBLE_DEVICES": "5"}, [0]),  # bound by SLURM to one GPU
+    ({"SLURM_JOB_ID": "7", "SLURM_TASKS_PER_NODE": "2", "SLURM_GPUS_PER_TASK": "2",
+      "SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": "2,3"}, [0, 1]),  # --gpus-per-task
+    ({"SLURM_JOB_ID": "7", "SLURM_TASKS_PER_NODE": "3", "CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+     None),  # uneven: JAX's choice
+    ({"SLURM_JOB_ID": "7", "SLURM_TASKS_PER_NODE": "1", "JAX_LOCAL_DEVICE_IDS": "0",
+      "CUDA_VISIBLE_DEVICES": "0,1"}, None),  # the user's own choice, read by JAX
+])
+def test_slurm_tasks_drive_their_share_of_the_node_gpus(environ, expected):
+  assert parallel.slurm_local_device_ids(environ) == expected
+
+
+def _free_slurm_port() -> int:
+  for port in random.sample(range(SLURM_PORTS[0], SLURM_PORTS[1] + 1), 200):
+    with socket.socket() as probe:
+      try:
+        probe.bind(("localhost", port))
+      except OSError:
+        continue
+      return port
+  pytest.skip(f"no free port in {SLURM_PORTS} for JAX's SLURM coordinator")
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun for one node: SLURM_NTASKS local processes, with the variables SLURM sets for a step.
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 SLURM_STEP_NODELIST=localhost \\
+    SLURM_STEP_TASKS_PER_NODE=$SLURM_NTASKS "$@" > "$FAKE_SRUN_LOGS/task_$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+cat "$FAKE_SRUN_LOGS"/task_*.log
+exit $status
+"""
+
+
+def test_slurm_script_joins_its_tasks_through_jax_cluster_detection(tmp_path):
+  bin_dir, logs = tmp_path / "bin", tmp_path / "logs"
+  bin_dir.mkdir()
+  logs.mkdir()
+  (bin_dir / "srun").write_text(FAKE_SRUN)
+  (bin_dir / "srun").chmod(0o755)
+  (bin_dir / "python").symlink_to(sys.executable)
+  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+             FAKE_SRUN_LOGS=str(logs),
+             SLURM_JOB_ID=str(_free_slurm_port() - SLURM_PORTS[0]), SLURM_NTASKS="2",
+             SLURM_SUBMIT_DIR=str(ROOT), JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      ["bash", str(ROOT / "launch" / "slurm_gpu.sbatch"), "--config", "configs/tiny.py",
+       "--workdir", str(tmp_path / "run"), "--config.stages=train_classifier"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+  assert "over 2 process(es)" in result.stdout  # printed by task 0 once both had joined
+  assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+FAKE_GCLOUD = """#!/usr/bin/env bash
+# gcloud compute tpus tpu-vm ssh NAME --zone Z --worker=all --command CMD: CMD here, in bash.
+echo "$*" > "$FAKE_GCLOUD_CALL"
+while [[ $# -gt 0 && $1 != --command ]]; do shift; done
+exec bash -c "$2"
+"""
+RECORDING_PYTHON = """#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["FAKE_PYTHON_ARGS"], "w") as file:
+  json.dump(sys.argv[1:], file)
+"""
+
+
+def test_tpu_pod_script_passes_every_argument_through_unchanged(tmp_path):
+  home, bin_dir = tmp_path / "home", tmp_path / "bin"
+  home.mkdir()
+  bin_dir.mkdir()
+  (home / "cafd-jax").symlink_to(ROOT)
+  for name, text in (("gcloud", FAKE_GCLOUD), ("python", RECORDING_PYTHON)):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+             FAKE_GCLOUD_CALL=str(tmp_path / "call.txt"), FAKE_PYTHON_ARGS=str(tmp_path / "args"))
+  arguments = ["--config", "configs/cifar10_vgg19.py", "--workdir", "/mnt/my runs/it's $HOME",
+               "--config.eval.attacks=pgd,cw"]
+  result = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "my-tpu", "us-z1-a",
+                           *arguments], env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  call = (tmp_path / "call.txt").read_text()
+  assert call.startswith("compute tpus tpu-vm ssh my-tpu --zone us-z1-a --worker=all --command")
+  assert json.loads((tmp_path / "args").read_text()) == [
+      "main.py", *arguments, "--config.parallel.distributed=True"]
+
+
+def test_tpu_pod_script_needs_a_name_and_a_zone():
+  result = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "my-tpu"],
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and result.stderr.startswith("usage:")
