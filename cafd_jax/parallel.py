@@ -31,7 +31,8 @@ def initialize(config: ml_collections.ConfigDict) -> None:
 
   With ``coordinator_address`` empty, JAX detects the cluster itself (Cloud TPU pods, SLURM,
   Open MPI); a local run names ``coordinator_address``, ``num_processes`` and ``process_id``
-  (``launch/local_multiprocess.sh``). A no-op for single-process runs.
+  (``launch/local_multiprocess.sh``). A no-op for single-process runs. ValueError when no
+  cluster is found.
   """
   settings = config.get("parallel", ml_collections.ConfigDict())
   if not settings.get("distributed", False) or jax.distributed.is_initialized():
@@ -44,7 +45,15 @@ def initialize(config: ml_collections.ConfigDict) -> None:
     device_ids = slurm_local_device_ids(os.environ)
     if device_ids is not None:
       kwargs = dict(local_device_ids=device_ids)
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as error:
+    if "coordinator_address" in kwargs:
+      raise
+    raise ValueError(
+        "parallel.distributed=True found no cluster to join (Cloud TPU pod, SLURM, Open MPI): "
+        "start it through launch/ (e.g. launch/local_multiprocess.sh N ... on one machine) or "
+        f"set parallel.coordinator_address, num_processes and process_id ({error})") from error
 
 
 def _tasks_on_this_node(environ: Mapping[str, str]) -> int | None:

@@ -334,7 +334,10 @@ def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Runs the stages named in ``config.stages`` in pipeline order."""
   config_checks.validate(config)
-  parallel.initialize(config)
+  try:
+    parallel.initialize(config)
+  except ValueError as error:
+    raise config_checks.ConfigError(str(error)) from error
   stages = config_checks.split_names(config.stages)
   if stages == ["report"]:  # nothing to load or recompute
     report.render(workdir)

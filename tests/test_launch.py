@@ -1,4 +1,5 @@
-"""launch/: the SLURM script's process and GPU layout, and the TPU pod script's command line.
+"""launch/: the SLURM script's processes and GPU layout, the TPU pod script's command line, and
+the one-line error of a distributed run with no cluster.
 
 No cluster here: SLURM is imitated by an ``srun`` that starts the tasks as local processes with
 the variables SLURM gives them, and ``gcloud`` by one that runs the worker command locally.
@@ -126,3 +127,16 @@ def test_tpu_pod_script_needs_a_name_and_a_zone():
   result = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "my-tpu"],
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and result.stderr.startswith("usage:")
+
+
+def test_distributed_without_a_cluster_fails_in_one_line(tmp_path):
+  env = {key: value for key, value in os.environ.items()
+         if not key.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR"))}
+  result = subprocess.run(
+      [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir",
+       str(tmp_path / "work"), "--config.parallel.distributed=True"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().count("\n") == 0, result.stderr
+  assert result.stderr.startswith("error: parallel.distributed=True found no cluster to join")
+  assert not (tmp_path / "work").exists()
