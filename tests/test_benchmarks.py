@@ -110,15 +110,17 @@ def test_measure_times_the_denoiser_stages(tiny_config):
 ACCELERATOR_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "accelerator.sh"
 
 
-def _run_accelerator_script(tmp_path, *args):
-  """accelerator.sh with PYTHON set to a stub that logs its arguments and fails on bfloat16."""
+def _run_accelerator_script(tmp_path, *args, cuda_torch=True):
+  """accelerator.sh with PYTHON set to a stub that logs its arguments, prints them, fails on
+  bfloat16 and, unless ``cuda_torch``, on the script's check for a CUDA torch."""
   calls = tmp_path / "calls.txt"
   stub = tmp_path / "python"
   stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\necho "stub $*"\n'
-                  '[[ "$*" != *bfloat16* ]]\n')
+                  '[[ "$*" != *bfloat16* ]] && [[ "$*" != *cuda* || -z "$NO_CUDA" ]]\n')
   stub.chmod(0o755)
+  env = dict(os.environ, PYTHON=str(stub), NO_CUDA="" if cuda_torch else "1")
   result = subprocess.run(["bash", str(ACCELERATOR_SCRIPT), *args], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHON=str(stub)), timeout=60)
+                          text=True, env=env, timeout=60)
   lines = calls.read_text().splitlines() if calls.exists() else []
   return result, [line for line in lines if "import torch" not in line]
 
@@ -130,9 +132,16 @@ def test_accelerator_script_runs_the_named_parts_and_reports_failures(tmp_path):
   assert result.returncode == 1 and "failed or timed out: stages_bfloat16" in result.stdout
   assert len(calls) == 2  # in the order given; the failing first part did not stop the second
   assert calls[0].startswith("-m benchmarks.stages") and "compute_dtype=bfloat16" in calls[0]
-  assert calls[1].startswith("-m benchmarks.compare") and "--dtype float32" in calls[1]
-  assert f"--out {out}/compare_float32.json" in calls[1]
+  assert calls[1] == ("-m benchmarks.compare --models vgg19,resnet18 --batch_size 128 --dtype "
+                      f"float32 --warmup 2 --repeats 5 --out {out}/compare_float32.json")
   assert (out / "compare_float32.log").read_text().startswith("stub -m benchmarks.compare")
+
+
+def test_accelerator_script_compares_without_torch_when_it_has_no_cuda(tmp_path):
+  result, calls = _run_accelerator_script(tmp_path, str(tmp_path / "results"),
+                                          "compare_float32", cuda_torch=False)
+  assert result.returncode == 0 and len(calls) == 1
+  assert " --repeats 5 --no_torch --out " in calls[0]
 
 
 def test_accelerator_script_refuses_an_unknown_part_before_running_anything(tmp_path):
