@@ -58,7 +58,7 @@ for name in "${parts[@]}"; do
 import importlib.metadata as metadata
 import jax
 print(jax.devices())
-for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch"):
+for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "torch"):
   try:
     print(name, metadata.version(name))
   except metadata.PackageNotFoundError:
