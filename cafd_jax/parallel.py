@@ -81,8 +81,8 @@ def slurm_local_device_ids(environ: Mapping[str, str]) -> list[int] | None:
   ``CUDA_VISIBLE_DEVICES``, or with ``JAX_LOCAL_DEVICE_IDS`` set (JAX reads that itself).
   """
   if ("SLURM_JOB_ID" not in environ or "JAX_LOCAL_DEVICE_IDS" in environ
-      or not environ.get("CUDA_VISIBLE_DEVICES")):
-    return None
+      or environ.get("CUDA_VISIBLE_DEVICES", "NoDevFiles") in ("", "NoDevFiles")):
+    return None  # SLURM writes NoDevFiles for a step without GPUs
   visible = len(environ["CUDA_VISIBLE_DEVICES"].split(","))
   tasks = _tasks_on_this_node(environ)
   if "SLURM_GPUS_PER_TASK" in environ or (tasks is not None and visible < tasks):

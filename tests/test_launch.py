@@ -24,6 +24,8 @@ SLURM_PORTS = (65535 - 2**12 + 1, 65535)  # JAX's SLURM coordinator port: job id
 @pytest.mark.parametrize("environ, expected", [
     ({}, None),  # not SLURM
     ({"SLURM_JOB_ID": "7", "SLURM_TASKS_PER_NODE": "1(x4)"}, None),  # no GPUs listed
+    ({"SLURM_JOB_ID": "7", "SLURM_TASKS_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "NoDevFiles"},
+     None),  # SLURM's value for a step with no GPUs
     ({"SLURM_JOB_ID": "7", "SLURM_TASKS_PER_NODE": "1(x4)", "SLURM_NODEID": "2",
       "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, list(range(8))),  # one task drives the node
     ({"SLURM_JOB_ID": "7", "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_LOCALID": "5",
