@@ -77,7 +77,10 @@ def test_slurm_script_joins_its_tasks_through_jax_cluster_detection(tmp_path):
   logs.mkdir()
   (bin_dir / "srun").write_text(FAKE_SRUN)
   (bin_dir / "srun").chmod(0o755)
-  (bin_dir / "python").symlink_to(sys.executable)
+  # This interpreter by its own path (a venv's python reached through a link starts without
+  # the venv's packages).
+  (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (bin_dir / "python").chmod(0o755)
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
              FAKE_SRUN_LOGS=str(logs),
              SLURM_JOB_ID=str(_free_slurm_port() - SLURM_PORTS[0]), SLURM_NTASKS="2",
@@ -100,7 +103,7 @@ exec bash -c "$2"
 RECORDING_PYTHON = """#!/usr/bin/env python3
 import json, os, sys
 with open(os.environ["FAKE_PYTHON_ARGS"], "w") as file:
-  json.dump(sys.argv[1:], file)
+  json.dump({"cwd": os.getcwd(), "args": sys.argv[1:]}, file)
 """
 
 
@@ -121,8 +124,9 @@ def test_tpu_pod_script_passes_every_argument_through_unchanged(tmp_path):
   assert result.returncode == 0, result.stderr
   call = (tmp_path / "call.txt").read_text()
   assert call.startswith("compute tpus tpu-vm ssh my-tpu --zone us-z1-a --worker=all --command")
-  assert json.loads((tmp_path / "args").read_text()) == [
-      "main.py", *arguments, "--config.parallel.distributed=True"]
+  recorded = json.loads((tmp_path / "args").read_text())
+  assert os.path.samefile(recorded["cwd"], ROOT)  # ~/cafd-jax on the worker
+  assert recorded["args"] == ["main.py", *arguments, "--config.parallel.distributed=True"]
 
 
 def test_tpu_pod_script_needs_a_name_and_a_zone():
