@@ -14,6 +14,13 @@ SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 sys.path.insert(0, str(ROOT))
 
 
+def write_executable(path: Path, text: str) -> Path:
+  """A script at ``path`` that the shell can run (stand-ins for python, srun, gcloud)."""
+  path.write_text(text)
+  path.chmod(0o755)
+  return path
+
+
 def pytest_configure(config):
   """One XLA compilation cache for the session, shared with the main.py subprocesses.
 

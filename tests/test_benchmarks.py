@@ -2,7 +2,6 @@
 of a config."""
 
 import os
-import pathlib
 import subprocess
 
 import jax
@@ -10,6 +9,8 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import compare, hardware, stages
+
+from conftest import ROOT, write_executable
 
 
 def test_compiled_flops_count_a_matrix_product():
@@ -107,17 +108,16 @@ def test_measure_times_the_denoiser_stages(tiny_config):
   assert all(row.flops > 1e6 for row in rows if row.stage.startswith("train"))
 
 
-ACCELERATOR_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "accelerator.sh"
+ACCELERATOR_SCRIPT = ROOT / "benchmarks" / "accelerator.sh"
 
 
 def _run_accelerator_script(tmp_path, *args, cuda_torch=True):
   """accelerator.sh with PYTHON set to a stub that logs its arguments, prints them, fails on
   bfloat16 and, unless ``cuda_torch``, on the script's check for a CUDA torch."""
   calls = tmp_path / "calls.txt"
-  stub = tmp_path / "python"
-  stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\necho "stub $*"\n'
-                  '[[ "$*" != *bfloat16* ]] && [[ "$*" != *cuda* || -z "$NO_CUDA" ]]\n')
-  stub.chmod(0o755)
+  stub = write_executable(
+      tmp_path / "python", f'#!/usr/bin/env bash\necho "$*" >> {calls}\necho "stub $*"\n'
+      '[[ "$*" != *bfloat16* ]] && [[ "$*" != *cuda* || -z "$NO_CUDA" ]]\n')
   env = dict(os.environ, PYTHON=str(stub), NO_CUDA="" if cuda_torch else "1")
   result = subprocess.run(["bash", str(ACCELERATOR_SCRIPT), *args], capture_output=True,
                           text=True, env=env, timeout=60)

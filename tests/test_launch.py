@@ -16,7 +16,7 @@ import pytest
 
 from cafd_jax import parallel
 
-from conftest import ROOT
+from conftest import ROOT, write_executable
 
 SLURM_PORTS = (65535 - 2**12 + 1, 65535)  # JAX's SLURM coordinator port: job id % 4096 + first
 
@@ -43,6 +43,11 @@ SLURM_PORTS = (65535 - 2**12 + 1, 65535)  # JAX's SLURM coordinator port: job id
 ])
 def test_slurm_tasks_drive_their_share_of_the_node_gpus(environ, expected):
   assert parallel.slurm_local_device_ids(environ) == expected
+
+
+def _path_with(bin_dir) -> str:
+  """PATH with ``bin_dir``'s stand-in commands first."""
+  return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
 
 def _free_slurm_port() -> int:
@@ -75,14 +80,11 @@ def test_slurm_script_joins_its_tasks_through_jax_cluster_detection(tmp_path):
   bin_dir, logs = tmp_path / "bin", tmp_path / "logs"
   bin_dir.mkdir()
   logs.mkdir()
-  (bin_dir / "srun").write_text(FAKE_SRUN)
-  (bin_dir / "srun").chmod(0o755)
+  write_executable(bin_dir / "srun", FAKE_SRUN)
   # This interpreter by its own path (a venv's python reached through a link starts without
   # the venv's packages).
-  (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-  (bin_dir / "python").chmod(0o755)
-  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-             FAKE_SRUN_LOGS=str(logs),
+  write_executable(bin_dir / "python", f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  env = dict(os.environ, PATH=_path_with(bin_dir), FAKE_SRUN_LOGS=str(logs),
              SLURM_JOB_ID=str(_free_slurm_port() - SLURM_PORTS[0]), SLURM_NTASKS="2",
              SLURM_SUBMIT_DIR=str(ROOT), JAX_PLATFORMS="cpu")
   result = subprocess.run(
@@ -112,10 +114,9 @@ def test_tpu_pod_script_passes_every_argument_through_unchanged(tmp_path):
   home.mkdir()
   bin_dir.mkdir()
   (home / "cafd-jax").symlink_to(ROOT)
-  for name, text in (("gcloud", FAKE_GCLOUD), ("python", RECORDING_PYTHON)):
-    (bin_dir / name).write_text(text)
-    (bin_dir / name).chmod(0o755)
-  env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+  write_executable(bin_dir / "gcloud", FAKE_GCLOUD)
+  write_executable(bin_dir / "python", RECORDING_PYTHON)
+  env = dict(os.environ, HOME=str(home), PATH=_path_with(bin_dir),
              FAKE_GCLOUD_CALL=str(tmp_path / "call.txt"), FAKE_PYTHON_ARGS=str(tmp_path / "args"))
   arguments = ["--config", "configs/cifar10_vgg19.py", "--workdir", "/mnt/my runs/it's $HOME",
                "--config.eval.attacks=pgd,cw"]
