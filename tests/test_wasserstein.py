@@ -110,6 +110,18 @@ def test_projecting_a_point_inside_the_ball_changes_it_little(images):
   assert np.all(np.asarray(jnp.sum(jnp.abs(z_out - w), axis=(1, 2, 3))) > 10 * moved)
 
 
+def test_projection_of_a_black_image_is_finite_and_leaves_the_others_alone(images):
+  x, w = images
+  # The attack's w for an all-black image is (0 +- alpha) / its clamped mass 1e-12.
+  black_w = 0.1 * jnp.sign(w[0]) / 1e-12
+  z, cost = _project(x.at[0].set(0.0), w.at[0].set(black_w), 0.01, iters=20)
+  z_alone, cost_alone = _project(x[1:], w[1:], 0.01, iters=20)
+  assert np.all(np.isfinite(np.asarray(z))) and np.all(np.isfinite(np.asarray(cost)))
+  assert float(cost[0]) == 0.0 and float(jnp.max(jnp.abs(z[0]))) < 1e-6  # no mass to move
+  np.testing.assert_allclose(z[1:], z_alone, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(cost[1:], cost_alone, rtol=1e-5)
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted_attack(apply_fn, **static):
   def run(params, x, y, key, eps, growth, max_eps):

@@ -100,6 +100,12 @@ def _projected_sinkhorn(x: jnp.ndarray, w: jnp.ndarray, eps: float | jnp.ndarray
     shift = _max_per_example(u)
     return jnp.exp(u - shift), shift
 
+  def rescaled_sum(scale, v):
+    # An example without mass (an all-black image) has e_alpha = 0, and its scale may be
+    # inf (its beta follows lam * w alone): its plan, and so the sum, is 0, not inf * 0.
+    total = sum_examples(v)
+    return jnp.where(total > 0.0, scale * total, 0.0)
+
   def iteration(_, state):
     beta, psi, _, _ = state
     kernel = jnp.exp(-psi[:, None] * cost - 1.0)  # K = exp(-psi C - 1), [B, k * k]
@@ -116,9 +122,9 @@ def _projected_sinkhorn(x: jnp.ndarray, w: jnp.ndarray, eps: float | jnp.ndarray
     e_beta, new_shift = scaled_exp(-beta)
     c_beta, c2_beta = _window_sums(e_beta, (kernel * cost, kernel * cost * cost), kernel_size)
     scale = jnp.exp(new_shift - shift)[:, 0, 0, 0]
-    plan_cost = scale * sum_examples(e_alpha * c_beta)
+    plan_cost = rescaled_sum(scale, e_alpha * c_beta)
     dpsi = plan_cost - eps
-    ddpsi = -scale * sum_examples(e_alpha * c2_beta)
+    ddpsi = -rescaled_sum(scale, e_alpha * c2_beta)
     delta = dpsi / jnp.minimum(ddpsi, -1e-30)
     step = jnp.ones_like(psi)
     for _ in range(_BACKTRACK_HALVINGS):
