@@ -21,6 +21,18 @@ def write_executable(path: Path, text: str) -> Path:
   return path
 
 
+def assert_in_box(x, low: float = 0.0, high: float = 1.0, atol: float = 0.0) -> None:
+  """x is finite and within [low - atol, high + atol], read in numpy.
+
+  XLA:CPU's min/max reductions over large arrays may skip NaN (seen on jax 0.10.2, where
+  ``jnp.min`` of a [8, 32, 32, 3] array with a NaN image returned a number); numpy's do not.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x)
+  assert np.all(np.isfinite(x)), f"{np.sum(~np.isfinite(x))} non-finite values"
+  assert x.min() >= low - atol and x.max() <= high + atol, (x.min(), x.max())
+
+
 def pytest_configure(config):
   """One XLA compilation cache for the session, shared with the main.py subprocesses.
 

@@ -104,7 +104,7 @@ def test_attack_stays_in_box_and_ball_and_is_deterministic(batch, name):
   budget = TEST_BUDGET.get(name, 8 / 255 if name in BUDGET_PARAM else None)
   x_adv = _run(name, LINEAR, x, y, jax.random.key(1), budget)
   assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  conftest.assert_in_box(x_adv)
   np.testing.assert_array_equal(x_adv, _run(name, LINEAR, x, y, jax.random.key(1), budget))
   norm = "l2" if name == "ddn" else registry.NORMS[name]  # DDN's max_norm is an L2 ball
   if norm == "l2":
@@ -161,7 +161,7 @@ def test_minimal_norm_attacks_fool_the_trained_model(tiny, name, params):
   model, x, y = tiny
   x, y = x[:16], y[:16]
   x_adv = _run(name, model, x, y, jax.random.key(0), **params)
-  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  conftest.assert_in_box(x_adv)
   clean_correct = _correct(model, x, y)
   adv_correct = _correct(model, x_adv, y)
   assert adv_correct.mean() <= 0.25 * clean_correct.mean(), (adv_correct.mean(),

@@ -7,6 +7,7 @@ import pytest
 
 from cafd_jax import attacks
 from cafd_jax.train import denoiser as denoiser_train
+from conftest import assert_in_box
 
 
 def _linear_logits(x):
@@ -26,7 +27,7 @@ def test_pgd_respects_ball_and_box(batch, eps):
   x, y = batch
   x_adv = attacks.pgd(_linear_logits, x, y, jax.random.key(1), eps=eps, step_size=0.01, steps=5)
   assert float(jnp.max(jnp.abs(x_adv - x))) <= eps + 1e-6
-  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  assert_in_box(x_adv)
   if eps == 0.0:
     np.testing.assert_array_equal(x_adv, x)
 
@@ -54,7 +55,7 @@ def test_caf_attack_respects_constraints(trained_tiny):
   for eps in (0.0, 8 / 255):
     x_adv = attacks.caf_attack(caf_fn, x, y, jax.random.key(0), eps=eps, step_size=0.01, steps=3)
     assert float(jnp.max(jnp.abs(x_adv - x))) <= eps + 1e-6
-    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    assert_in_box(x_adv)
   np.testing.assert_array_equal(
       attacks.caf_attack(caf_fn, x, y, jax.random.key(0), eps=0.0, steps=3), x)
 

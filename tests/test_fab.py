@@ -9,6 +9,7 @@ import pytest
 from scipy import optimize
 
 from cafd_jax.attacks import fab
+from conftest import assert_in_box
 
 
 def _linf(delta):
@@ -151,7 +152,7 @@ def test_fab_t_stays_in_ball_and_box_is_deterministic_and_grows_with_eps(tiny):
   for eps in (0.0, 1 / 255, 4 / 255, 8 / 255):
     x_adv = attack(variables, x, y, jax.random.key(1), jnp.float32(eps))
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    assert_in_box(x_adv)
     assert _linf(x_adv - x).max() <= eps + 1e-6
     if eps == 0.0:
       np.testing.assert_array_equal(x_adv, x)
@@ -176,7 +177,7 @@ def test_targeted_runs_reach_their_targets(tiny):
   hit = _predict(apply_fn, variables, x_adv) == np.asarray(target)
   assert correct.sum() >= 8
   assert hit[correct].mean() >= 0.75, hit
-  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  assert_in_box(x_adv)
   assert np.all(_linf(x_adv - x)[correct] < 0.5)  # minimal-norm: far below the box diameter
 
 

@@ -152,7 +152,7 @@ def test_attack_fools_the_trained_model_with_small_smooth_flows(tiny):
   flow = _flow(model, x, y)  # defaults: L-BFGS, advertorch smoothness, tau = 1, 100 steps
   warped = spatial.warp(x, flow)
   # Bilinear warps mix pixels convexly, so the clipping in spatial_transform is only rounding.
-  assert float(warped.min()) >= -1e-6 and float(warped.max()) <= 1.0 + 1e-6
+  conftest.assert_in_box(warped, atol=1e-6)
   x_adv = jnp.clip(warped, 0.0, 1.0)  # what spatial_transform returns
   clean_correct = _correct(model, x, y)
   adv_correct = _correct(model, x_adv, y)

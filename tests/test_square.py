@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cafd_jax.attacks import square
+from conftest import assert_in_box
 
 
 def _linear_apply(weights, x):
@@ -100,7 +101,7 @@ def test_attack_stays_in_box_and_ball_and_is_deterministic(batch):
   eps = 8 / 255
   x_adv = _attack(_linear_apply, LINEAR_WEIGHTS, x, y, jax.random.key(1), eps, **LINEAR_STATIC)
   assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  assert_in_box(x_adv)
   assert float(jnp.max(jnp.abs(x_adv - x))) <= eps + 1e-6
   np.testing.assert_array_equal(
       x_adv, _attack(_linear_apply, LINEAR_WEIGHTS, x, y, jax.random.key(1), eps, **LINEAR_STATIC))

@@ -10,6 +10,7 @@ from scipy import optimize
 
 from cafd_jax import data
 from cafd_jax.attacks import wasserstein
+from conftest import assert_in_box
 
 # The attack tests: few PGD steps and Sinkhorn iterations (on CIFAR-10 images, 20 iterations
 # keep the plan cost within 0.4% of eps, 50 within 0.01%); the radius may grow every 2 steps.
@@ -169,7 +170,7 @@ def test_attack_fools_the_trained_model_within_the_box(tiny):
   model, x, y, clean = tiny
   x_adv = _attack(model, x, y, 0.05)
   assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  assert_in_box(x_adv)
   adv = _correct(model, x_adv, y)
   assert clean.mean() >= 0.5
   assert adv.mean() <= 0.25 * clean.mean(), (adv.mean(), clean.mean())
@@ -184,7 +185,7 @@ def test_attack_keeps_the_first_adversarial_iterate_and_is_deterministic(linear)
   assert 0 < fooled_early.sum() < len(y)
   np.testing.assert_array_equal(late[fooled_early], early[fooled_early])
   assert np.any(np.asarray(late != early)[~fooled_early])
-  assert float(late.min()) >= 0.0 and float(late.max()) <= 1.0
+  assert_in_box(late)
   np.testing.assert_array_equal(late, _attack(model, x, y, 0.01, key=7))  # key is unused
 
 
