@@ -14,7 +14,12 @@ from configs import tiny
 
 from conftest import ROOT
 
-RTOL, ATOL = 1e-4, 1e-4  # float32 sums in another order, over 6 SGD steps
+# Float32 sums in another order, over 6 SGD steps. The losses agree to ~2e-7; parameters move
+# by up to ~4e-4 in a few dozen elements of one kernel on jax 0.6.2 and 0.7.2 (30 of 18,432),
+# the same with lax convolutions and nn.max_pool in place of models/layers.py, and by ~3e-5 on
+# jax 0.10.2 (measured, 2026-11-27): rounding that the XLA:CPU version amplifies. The losses
+# stay compared at rtol 1e-5.
+RTOL, ATOL = 1e-4, 1e-3
 
 
 @pytest.fixture(scope="module")
