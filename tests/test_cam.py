@@ -16,11 +16,13 @@ def _bilinear_numpy(maps: np.ndarray, size: int) -> np.ndarray:
   low = np.floor(src).astype(int)
   high = np.minimum(low + 1, in_size - 1)
   frac = src - low
-  rows = (maps[:, low] * (1 - frac)[None, :, None, *([None] * (maps.ndim - 3))]
-          + maps[:, high] * frac[None, :, None, *([None] * (maps.ndim - 3))])
-  cols = (rows[:, :, low] * (1 - frac)[None, None, :, *([None] * (maps.ndim - 3))]
-          + rows[:, :, high] * frac[None, None, :, *([None] * (maps.ndim - 3))])
-  return cols
+  def along(weights, axis):  # weights [size] broadcast over every other axis of maps
+    shape = [1] * maps.ndim
+    shape[axis] = size
+    return weights.reshape(shape)
+
+  rows = maps[:, low] * along(1 - frac, 1) + maps[:, high] * along(frac, 1)
+  return rows[:, :, low] * along(1 - frac, 2) + rows[:, :, high] * along(frac, 2)
 
 
 def _min_max_numpy(maps):
