@@ -49,3 +49,14 @@ def require_latest(directory: str, template: Any, what: str) -> Any:
     raise CheckpointError(f"No {what} checkpoint in {directory}; run its training stage first "
                           f"with the same --workdir.")
   return restored[1]
+
+
+def latest_step(directory: str) -> int | None:
+  """The number of the latest checkpoint in ``directory`` (None if there is none)."""
+  if not os.path.isdir(directory):
+    return None
+  checkpoints = manager(directory)
+  try:
+    return checkpoints.latest_step()
+  finally:
+    checkpoints.close()

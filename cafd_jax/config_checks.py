@@ -2,11 +2,12 @@
 
 import ml_collections
 
-from cafd_jax import cam, data, evaluate, models
+from cafd_jax import budget, cam, data, evaluate, models
 from cafd_jax.models import taps
 
 # Pipeline order. ``report`` only rebuilds tables and figures from DIR/report.json.
 STAGES = ("train_classifier", "craft", "train_denoiser", "train_baselines", "evaluate", "report")
+SCHEDULES = ("piecewise", "one_cycle")
 
 
 class ConfigError(ValueError):
@@ -98,12 +99,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "config.classifier.accumulation_steps must be an int >= 1 that divides "
            "config.classifier.batch_size.")
   _require(config.parallel.prefetch_batches >= 0, "config.parallel.prefetch_batches must be >= 0.")
+  budgets = config.get("max_seconds", None)
+  if budgets is not None:
+    for stage in budgets:
+      _require(stage in budget.STAGES, f"config.max_seconds.{stage}: no such stage; budgets are "
+                                       f"for {','.join(budget.STAGES)}.")
+      _non_negative(f"config.max_seconds.{stage}", budgets[stage])
+  for section in ("classifier", "denoiser"):
+    train = config[section]
+    _require(train.get("schedule", "piecewise") in SCHEDULES,
+             f"config.{section}.schedule must be one of {','.join(SCHEDULES)}, "
+             f"got {train.get('schedule')!r}.")
+    fraction = train.get("warmup_fraction", 0.2)
+    _require(isinstance(fraction, (int, float)) and 0 <= fraction <= 1,
+             f"config.{section}.warmup_fraction must be in [0, 1], got {fraction!r}.")
+  smoothing = config.classifier.get("label_smoothing", 0.0)
+  _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1,
+           f"config.classifier.label_smoothing must be in [0, 1), got {smoothing!r}.")
   _positive("config.eval.batch_size", config.eval.batch_size)
   _non_negative("config.denoiser.caf_weight", config.denoiser.caf_weight)
   _non_negative("config.denoiser.gan_weight", config.denoiser.gan_weight)
   _check_names("config.eval.attacks", config.eval.attacks, evaluate.ATTACKS)
   _check_names("config.eval.defenses", config.eval.defenses, evaluate.DEFENSES)
   _check_names("config.eval.threat_models", config.eval.threat_models, evaluate.THREAT_MODELS)
+  if split_names(config.eval.get("adaptive_attacks", "")):
+    _check_names("config.eval.adaptive_attacks", config.eval.adaptive_attacks, evaluate.ATTACKS)
   if split_names(config.eval.get("adaptive_defenses", "")):
     _check_names("config.eval.adaptive_defenses", config.eval.adaptive_defenses, evaluate.DEFENSES)
   _require(config.eval.get("figure_attack", "pgd") in evaluate.ATTACKS,

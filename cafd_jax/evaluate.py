@@ -24,6 +24,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from cafd_jax import attacks, data, defenses, parallel
+from cafd_jax import budget as budgets
 from cafd_jax.attacks import registry, wrappers
 from cafd_jax.train import denoiser as denoiser_train
 
@@ -169,7 +170,8 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
              denoisers: dict[str, nn.Module], variables: dict, defense_names: Sequence[str],
              attack_names: Sequence[str], threat_models: Sequence[str], key: jax.Array,
              log: Callable[[str], None] = print, model_label: str | None = None,
-             mesh: Mesh | None = None) -> list[dict]:
+             mesh: Mesh | None = None, budget: budgets.Budget | None = None,
+             on_run: Callable[[list[dict]], None] | None = None) -> list[dict]:
   """One row per (attack, eps, threat model, defense) with its accuracy.
 
   Batches are split over ``mesh`` (default: this process's devices, ``parallel.local_mesh``);
@@ -180,45 +182,76 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
   ``config.eval.sweep_eps`` adds rows for ``config.eval.sweep_attack`` at each listed budget
   (accuracy-vs-eps curves), under ``config.eval.sweep_threat_models`` (empty: all of
   ``threat_models``). Rows name the model ``model_label`` (default: config.model.name).
+
+  The attack runs go threat model by threat model, in the order of ``threat_models`` (so all
+  unseen rows come first by default), each in the order of ``attack_names`` then the sweep;
+  the adaptive threat models attack only ``config.eval.adaptive_attacks`` (empty: all) through
+  ``config.eval.adaptive_defenses``. With a ``budget``, no run starts once it is spent (after
+  the first), and the rows done are returned. ``on_run(rows so far)`` is called after each run.
   """
   mesh = mesh or parallel.local_mesh()
   variables = parallel.replicate(variables, mesh)
   preprocess = preprocessors(defense_names, denoisers, config)
   predictors = defense_predictors(classifier, preprocess)
+  model_name = model_label or config.model.name
+  plan = attack_runs(config, defense_names, attack_names, threat_models)
+  results = []
+  for done, (run_index, name, params, threat, defense) in enumerate(plan):
+    if done and budget is not None and budget.spent():
+      budget.cut(model=model_name, run=f"{done}/{len(plan)}",
+                 next=f"{name} {threat} {defense or 'all'}")
+      if parallel.is_primary():
+        log(f"[evaluate] time budget of {budget.max_seconds:g}s spent: {done} of {len(plan)} "
+            f"attack runs done for {model_name}")
+      break
+    eps = attack_budget(name, params)
+    attack = build_attack(name, config, classifier, threat, defense or "none",
+                          preprocess.get(defense), params, mesh)
+    judged = predictors if defense is None else {defense: predictors[defense]}
+    run_key = jax.random.fold_in(key, run_index)
+    if threat != "unseen":  # unseen keeps the keys of earlier, unseen-only reports
+      run_key = jax.random.fold_in(run_key, THREAT_MODELS.index(threat))
+    accuracies = _accuracies(attack, judged, dataset, variables, config.eval.batch_size,
+                             run_key, mesh)
+    for defense_name, accuracy in accuracies.items():
+      row = {"attack": name, "defense": defense_name, "threat_model": threat,
+             "model": model_name, "eps": eps, "accuracy": accuracy, "n": len(dataset)}
+      if threat == "white_box" and not differentiable(defense_name):
+        row["gradient"] = "bpda"
+      results.append(row)
+      eps_text = "" if eps is None else f"  eps {eps:.4g}"
+      if parallel.is_primary():
+        log(f"[evaluate] {threat:>9}  attack {name:>10}{eps_text}  defense {defense_name:>9}"
+            f"  accuracy {accuracy:.4f}  (n={len(dataset)})")
+    if on_run is not None:
+      on_run(results)
+  return results
+
+
+def attack_runs(config: ml_collections.ConfigDict, defense_names: Sequence[str],
+                attack_names: Sequence[str], threat_models: Sequence[str]) -> list[tuple]:
+  """The attack runs of the grid in order: (run index, attack, params, threat model, defense
+  attacked or None for unseen). The run index (the attack's place in ``attack_names`` + sweep)
+  picks the run's PRNG key, so keys do not depend on which runs are chosen."""
   runs = [(name, attack_params(name, config), threat_models) for name in attack_names]
   sweep = config.eval.get("sweep_attack", "")
   sweep_threats = sweep_threat_models(threat_models, config.eval.get("sweep_threat_models", ""))
   for eps in config.eval.get("sweep_eps", ()):
     runs.append((sweep, dict(attack_params(sweep, config), eps=float(eps)), sweep_threats))
-  model_name = model_label or config.model.name
   adaptive = adaptive_targets(defense_names, config.eval.get("adaptive_defenses", ""))
-  results = []
-  for run_index, (name, params, run_threats) in enumerate(runs):
-    eps = attack_budget(name, params)
-    for threat in run_threats:
-      if threat != "unseen" and name in ("none", "caf"):
+  adaptive_attacks = [name.strip() for name in config.eval.get("adaptive_attacks", "").split(",")
+                      if name.strip()]
+  plan = []
+  for threat in threat_models:
+    for run_index, (name, params, run_threats) in enumerate(runs):
+      if threat not in run_threats:
         continue
-      targets = [None] if threat == "unseen" else adaptive
-      for defense in targets:
-        attack = build_attack(name, config, classifier, threat, defense or "none",
-                              preprocess.get(defense), params, mesh)
-        judged = predictors if defense is None else {defense: predictors[defense]}
-        run_key = jax.random.fold_in(key, run_index)
-        if threat != "unseen":  # unseen keeps the keys of earlier, unseen-only reports
-          run_key = jax.random.fold_in(run_key, THREAT_MODELS.index(threat))
-        accuracies = _accuracies(attack, judged, dataset, variables, config.eval.batch_size,
-                                 run_key, mesh)
-        for defense_name, accuracy in accuracies.items():
-          row = {"attack": name, "defense": defense_name, "threat_model": threat,
-                 "model": model_name, "eps": eps, "accuracy": accuracy, "n": len(dataset)}
-          if threat == "white_box" and not differentiable(defense_name):
-            row["gradient"] = "bpda"
-          results.append(row)
-          eps_text = "" if eps is None else f"  eps {eps:.4g}"
-          if parallel.is_primary():
-            log(f"[evaluate] {threat:>9}  attack {name:>10}{eps_text}  defense {defense_name:>9}"
-                f"  accuracy {accuracy:.4f}  (n={len(dataset)})")
-  return results
+      if threat != "unseen" and (name in ("none", "caf")
+                                 or (adaptive_attacks and name not in adaptive_attacks)):
+        continue
+      for defense in [None] if threat == "unseen" else adaptive:
+        plan.append((run_index, name, params, threat, defense))
+  return plan
 
 
 def sweep_threat_models(threat_models: Sequence[str], chosen: str) -> list[str]:

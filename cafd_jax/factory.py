@@ -43,18 +43,16 @@ def classifier_state(config: ml_collections.ConfigDict, num_classes: int, key: j
   """Fresh classifier TrainState with the config's optimiser and schedule (float32 parameters;
   ``dtype`` is the compute dtype of its ``apply_fn``)."""
   train = config.classifier
-  schedule = common.piecewise_schedule(train.learning_rate, steps_per_epoch,
-                                       train.lr_decay_epochs, train.lr_decay_factor)
-  tx = common.make_optimizer(train.optimizer, schedule, weight_decay=train.weight_decay,
+  tx = common.make_optimizer(train.optimizer, common.schedule(train, steps_per_epoch),
+                             weight_decay=train.weight_decay,
                              momentum=train.momentum, nesterov=train.nesterov)
   return common.create_state(classifier(config, num_classes, dtype), key, _sample(config), tx)
 
 
 def _denoiser_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   train = config.denoiser
-  schedule = common.piecewise_schedule(train.learning_rate, steps_per_epoch,
-                                       train.lr_decay_epochs, train.lr_decay_factor)
-  return common.make_optimizer("adam", schedule, weight_decay=train.weight_decay)
+  return common.make_optimizer("adam", common.schedule(train, steps_per_epoch),
+                               weight_decay=train.weight_decay)
 
 
 def baseline_denoiser_state(config: ml_collections.ConfigDict, key: jax.Array,

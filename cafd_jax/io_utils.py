@@ -8,6 +8,12 @@ from typing import Any
 import numpy as np
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def write_atomically(path: str, write) -> None:
   """Calls ``write(binary file)`` on a temporary file, then renames it to ``path``."""
   directory = os.path.dirname(os.path.abspath(path))
@@ -16,6 +22,7 @@ def write_atomically(path: str, write) -> None:
   try:
     with os.fdopen(handle, "wb") as file:
       write(file)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give a plain file's mode
     os.replace(temporary, path)
   except BaseException:
     if os.path.exists(temporary):

@@ -1,6 +1,7 @@
 """Loss functions: per-example MSE, cross-entropy, relativistic average GAN losses (the CAF
 distance is ``cam.caf_distance``)."""
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -11,9 +12,15 @@ def per_example_mse(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(diff * diff, axis=1)
 
 
-def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-  """Per-example softmax cross-entropy with integer labels: [B]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray,
+                  label_smoothing: float = 0.0) -> jnp.ndarray:
+  """Per-example softmax cross-entropy with integer labels: [B]; with ``label_smoothing`` s the
+  target puts 1 - s on the label and s spread evenly over all classes."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
+                                label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
 
 
 def relativistic_discriminator_loss(real_logits: jnp.ndarray, fake_logits: jnp.ndarray) -> jnp.ndarray:

@@ -244,29 +244,45 @@ def shard_batch(arrays: Iterable[np.ndarray], mesh: Mesh, global_batch_size: int
 
 def prefetch(batches: Iterator[Any], size: int = 2) -> Iterator[Any]:
   """Runs ``batches`` (which should return device arrays) ``size`` items ahead in a thread, so
-  host-side gathering and host-to-device copies overlap the running step."""
+  host-side gathering and host-to-device copies overlap the running step. Closing the iterator
+  early (a ``break`` in the loop over it) stops the thread and drops what it holds."""
   if size <= 0:
     yield from batches
     return
   buffer: queue.Queue = queue.Queue(maxsize=size)
-  done = object()
+  done, stop = object(), threading.Event()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        buffer.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
 
   def produce():
     try:
       for item in batches:
-        buffer.put(item)
-      buffer.put(done)
+        if not put(item):
+          return
+      put(done)
     except BaseException as error:  # pylint: disable=broad-except
-      buffer.put(error)
+      put(error)
 
-  threading.Thread(target=produce, daemon=True).start()
-  while True:
-    item = buffer.get()
-    if item is done:
-      return
-    if isinstance(item, BaseException):
-      raise item
-    yield item
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = buffer.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    thread.join()
 
 
 def describe(mesh: Mesh) -> str:

@@ -6,6 +6,13 @@
   train_baselines  -> DIR/checkpoints/denoiser_NAME   (pixel / hgd, if named in eval.defenses)
   evaluate         -> DIR/report.json, DIR/report.md, DIR/figures/  (restores checkpoints only)
   report           -> report.md and figures rebuilt from DIR/report.json, nothing recomputed
+
+Each stage may have a time budget (``config.max_seconds.<stage>``, ``cafd_jax/budget.py``);
+DIR/stages.json records each stage's budget, seconds and where it was cut. What a stage makes
+from an earlier stage's output records that output's identity beside it (``X.lineage.json``:
+the classifier checkpoint step, the number of crafted examples); when a rerun finds that the
+inputs changed (a budget-cut stage continued), the old output is moved aside, never deleted,
+and the stage starts afresh.
 """
 
 import collections
@@ -20,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cafd_jax import budget as budgets
 from cafd_jax import (checkpoint, config_checks, data, evaluate, factory, figures, io_utils,
                       parallel, report)
 from cafd_jax.models import taps
@@ -100,6 +108,46 @@ def restore_denoiser(config: ml_collections.ConfigDict, workdir: str, name: str 
   return common.variables_of(state)
 
 
+def classifier_step(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+  """The step of the classifier checkpoint that later stages use (None: not trained yet)."""
+  return checkpoint.latest_step(os.path.join(upstream(config, workdir), CLASSIFIER_DIR))
+
+
+def _lineage_path(directory: str) -> str:
+  return os.path.normpath(directory) + ".lineage.json"
+
+
+def read_lineage(directory: str) -> dict | None:
+  """What ``directory``'s contents were made from (None if unrecorded)."""
+  path = _lineage_path(directory)
+  if not os.path.exists(path):
+    return None
+  with open(path) as file:
+    return json.load(file)
+
+
+def keep_or_supersede(directory: str, lineage: dict, stage: str) -> None:
+  """Records that ``directory`` is made from ``lineage``. If it holds output made from other
+  inputs (e.g. crafted against a classifier that has trained further since), that output is
+  moved to ``DIRECTORY.superseded-K`` with one line saying so, and the stage starts afresh.
+  Output made before lineages were recorded is kept as it is."""
+  lineage = json.loads(json.dumps(lineage))
+  recorded = read_lineage(directory)
+  parallel.barrier(f"{stage} lineage read")  # before the primary moves or writes anything
+  if parallel.is_primary():
+    if recorded is not None and recorded != lineage and os.path.exists(directory):
+      index = 1
+      while os.path.exists(f"{os.path.normpath(directory)}.superseded-{index}"):
+        index += 1
+      moved = f"{os.path.normpath(directory)}.superseded-{index}"
+      os.rename(directory, moved)
+      os.rename(_lineage_path(directory), _lineage_path(moved))
+      print(f"[{stage}] {directory} was made from {recorded}, not {lineage}; moved to {moved}, "
+            f"starting afresh", flush=True)
+    io_utils.write_json(_lineage_path(directory), lineage)
+  parallel.barrier(f"{stage} lineage written")
+
+
 def _fit_options(config: ml_collections.ConfigDict, mesh, train_set: data.Dataset) -> dict:
   """The keyword arguments of ``loop.fit`` that every training stage shares (``global_size``
   set when ``train_set`` is this process's shard)."""
@@ -109,17 +157,18 @@ def _fit_options(config: ml_collections.ConfigDict, mesh, train_set: data.Datase
 
 
 def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset,
-                     mesh) -> None:
+                     mesh, budget: budgets.Budget | None = None) -> None:
   train = config.classifier
   state = factory.classifier_state(config, train_set.num_classes, _stage_key(config, "train_classifier"),
                                    _steps_per_epoch(train_set.num_global, train.batch_size),
                                    factory.training_dtype(config))
   state = loop.fit(stage="train_classifier", state=state,
-                   step_fn=classifier_train.make_step_fn(train.augment, train.accumulation_steps),
+                   step_fn=classifier_train.make_step_fn(train.augment, train.accumulation_steps,
+                                                         train.get("label_smoothing", 0.0)),
                    arrays=(train_set.images, train_set.labels), batch_size=train.batch_size,
                    num_epochs=train.num_epochs, key=_stage_key(config, "train_classifier"),
                    checkpoint_dir=os.path.join(workdir, CLASSIFIER_DIR), workdir=workdir,
-                   **_fit_options(config, mesh, train_set))
+                   budget=budget, **_fit_options(config, mesh, train_set))
   classifier = factory.classifier(config, train_set.num_classes)  # float32, as evaluation
   classify = evaluate.bind(jax.jit(classifier.apply),
                            parallel.to_host(common.variables_of(state)))
@@ -143,7 +192,7 @@ def _craft_settings(config, shard: tuple[int, int]) -> dict:
 
 # Crafted chunk files: "chunk_C.npy" (the whole set, in order) or "shard_PofN_chunk_C.npy" (the
 # C-th chunk of process P's shard, examples P, P + N, ...).
-_CHUNK_FILE = re.compile(r"(?:shard_(\d+)of(\d+)_)?chunk_\d+\.npy")
+_CHUNK_FILE = re.compile(r"(?:shard_(\d+)of(\d+)_)?chunk_(\d+)\.npy")
 
 
 def _chunk_path(directory: str, chunk: int, shard: tuple[int, int]) -> str:
@@ -152,10 +201,11 @@ def _chunk_path(directory: str, chunk: int, shard: tuple[int, int]) -> str:
   return os.path.join(directory, f"shard_{shard[0]:05d}of{shard[1]:05d}_chunk_{chunk:05d}.npy")
 
 
-def craft(config, workdir, train_set: data.Dataset) -> None:
+def craft(config, workdir, train_set: data.Dataset, budget: budgets.Budget | None = None) -> None:
   """CAF adversarial examples of the denoiser's training set, saved chunk by chunk; processes
   take the chunks round-robin (or, given only their shard of the data, craft all of it), each
-  splitting its chunks over its own devices."""
+  splitting its chunks over its own devices. With a ``budget``, no chunk starts once it is
+  spent; the chunks done are kept, and a rerun crafts the rest."""
   directory = os.path.join(workdir, CRAFT_DIR)
   settings_path = os.path.join(directory, "settings.json")
   settings = _craft_settings(config, train_set.shard)
@@ -166,6 +216,7 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
             f"{directory} was crafted with other settings; delete it or use another --workdir.")
   classifier = factory.classifier(config, train_set.num_classes)
   variables = restore_classifier(config, workdir, train_set.num_classes)
+  keep_or_supersede(directory, {"classifier_step": classifier_step(config, workdir)}, "craft")
   parallel.barrier("craft settings read")  # before the primary writes them
   if parallel.is_primary():
     io_utils.write_json(settings_path, settings)
@@ -181,6 +232,13 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
     path = _chunk_path(directory, chunk, train_set.shard)
     if os.path.exists(path) or not (num_shards > 1 or parallel.owns(chunk)):
       continue
+    # At least one chunk per invocation. Not budget.spent(): processes craft different chunks
+    # and need not agree here.
+    if done_now and budget is not None and budget.limited and budget.remaining() == 0:
+      budget.cut(chunk=f"{chunk}/{num_chunks}", examples=f"{chunk * batch_size}/{len(train_set)}")
+      print(f"[craft] time budget of {budget.max_seconds:g}s spent: stopped before chunk "
+            f"{chunk + 1}/{num_chunks}; the chunks written are kept", flush=True)
+      break
     (images, labels), count = parallel.put_local_batch(
         (train_set.images[chunk * batch_size:(chunk + 1) * batch_size],
          train_set.labels[chunk * batch_size:(chunk + 1) * batch_size]), mesh)
@@ -195,39 +253,89 @@ def craft(config, workdir, train_set: data.Dataset) -> None:
 
 
 def _crafted_chunks(directory: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Each crafted chunk (memory-mapped) with the training-set indices of its rows."""
-  offsets = collections.Counter()  # rows seen so far per (whole set | process shard)
+  """Each crafted chunk (memory-mapped) with the training-set indices of its rows. Chunk C of
+  a set (or of a process's shard) holds its rows from C x craft.batch_size on (settings.json), so
+  a chunk missing before it (crafting stopped early on one process) moves no rows."""
+  settings_path = os.path.join(directory, "settings.json")
+  chunk_size = None
+  if os.path.exists(settings_path):
+    with open(settings_path) as file:
+      chunk_size = json.load(file).get("batch_size")
+  offsets = collections.Counter()  # without settings: rows seen so far per set or shard
   for path in sorted(glob.glob(os.path.join(directory, "*chunk_*.npy"))):  # chunk order
     match = _CHUNK_FILE.fullmatch(os.path.basename(path))
     if not match:
       continue
     shard = (int(match[1]), int(match[2])) if match[1] else (0, 1)
     chunk = np.load(path, mmap_mode="r")
-    local = np.arange(offsets[shard], offsets[shard] + len(chunk))
+    start = int(match[3]) * chunk_size if chunk_size else offsets[shard]
     offsets[shard] += len(chunk)
-    yield chunk, shard[0] + shard[1] * local
+    yield chunk, shard[0] + shard[1] * np.arange(start, start + len(chunk))
 
 
-def load_crafted(workdir: str, dataset: data.Dataset) -> np.ndarray:
-  """The crafted adversarial examples of ``dataset`` (the whole set or one process's shard), in
-  its order, from chunks written by one process, several, or several with their own shards."""
+def crafted_prefix(workdir: str, dataset: data.Dataset) -> int:
+  """How many leading examples of ``dataset``'s whole set have crafted examples (all of them
+  unless crafting was cut by its budget); a clear error if the chunks belong to another set."""
   directory = os.path.join(workdir, CRAFT_DIR)
-  (index, count), total = dataset.shard, dataset.num_global
-  crafted, found, size = None, np.zeros(len(dataset), bool), 0
+  total = dataset.num_global
+  covered = np.zeros(total, bool)
+  for _, indices in _crafted_chunks(directory):
+    if indices.size and indices.max() >= total:
+      raise checkpoint.CheckpointError(
+          f"{directory} holds crafted examples for a set larger than the {total} of this "
+          f"config; use the config it was crafted with, or another --workdir.")
+    covered[indices] = True
+  return total if covered.all() else int(np.argmin(covered))
+
+
+def load_crafted(workdir: str, dataset: data.Dataset) -> tuple[data.Dataset, np.ndarray]:
+  """The crafted adversarial examples of ``dataset`` (the whole set or one process's shard), in
+  its order, from chunks written by one process, several, or several with their own shards;
+  with the part of ``dataset`` they cover: all of it, or (crafting cut by its budget) the
+  first examples, as many as were crafted."""
+  directory = os.path.join(workdir, CRAFT_DIR)
+  count, total = crafted_prefix(workdir, dataset), dataset.num_global
+  dataset = dataset.take(count)
+  if len(dataset) == 0:
+    raise checkpoint.CheckpointError(
+        f"{directory} holds crafted examples for the first {count} of {total} "
+        f"examples, none of those this process needs; run the craft stage first with the "
+        f"same --workdir." if count else
+        f"{directory} holds no crafted examples of this set; run the craft stage first with "
+        f"the same --workdir.")
+  index, processes = dataset.shard
+  crafted, found = None, np.zeros(len(dataset), bool)
   for chunk, indices in _crafted_chunks(directory):
-    size = max(size, int(indices.max(initial=-1)) + 1)
-    mine = (indices % count == index) & (indices < total)
+    mine = (indices % processes == index) & (indices < count)
     if mine.any():
       if crafted is None:
         crafted = np.empty((len(dataset),) + chunk.shape[1:], chunk.dtype)
-      slots = (indices[mine] - index) // count
+      slots = (indices[mine] - index) // processes
       crafted[slots], found[slots] = chunk[mine], True
-  if crafted is None or not found.all() or size != total:
+  if crafted is None or not found.all():
     raise checkpoint.CheckpointError(
-        f"{directory} holds crafted examples for a set of {size} with {int(found.sum())} of the "
-        f"{len(dataset)} this process needs (of {total}); run the craft stage first with the "
-        f"same --workdir.")
-  return crafted
+        f"{directory} holds {int(found.sum())} of the {len(dataset)} crafted examples this "
+        f"process needs; run the craft stage again with the same --workdir.")
+  return dataset, crafted
+
+
+def _denoiser_data(config, workdir: str, train_set: data.Dataset,
+                   stage: str) -> tuple[data.Dataset, np.ndarray]:
+  """The crafted set the denoisers train on (``load_crafted``), with its natural examples."""
+  crafted_set, x_adv = load_crafted(upstream(config, workdir), train_set)
+  if crafted_set.num_global < train_set.num_global:
+    print(f"[{stage}] training on the {crafted_set.num_global} of {train_set.num_global} "
+          f"examples crafted (crafting stopped early, e.g. by its time budget; the craft stage "
+          f"crafts the rest)", flush=True)
+  return crafted_set, x_adv
+
+
+def _denoiser_lineage(config, workdir: str, crafted_set: data.Dataset) -> dict:
+  """What a denoiser trained now is made from: classifier step and crafted set."""
+  crafted_with = read_lineage(os.path.join(upstream(config, workdir), CRAFT_DIR)) or {}
+  return {"classifier_step": classifier_step(config, workdir),
+          "crafted_examples": crafted_set.num_global,
+          "crafted_with_classifier_step": crafted_with.get("classifier_step")}
 
 
 def denoiser_step(config: ml_collections.ConfigDict, classifier) -> Callable:
@@ -238,8 +346,12 @@ def denoiser_step(config: ml_collections.ConfigDict, classifier) -> Callable:
       gan_weight=config.denoiser.gan_weight, **options)
 
 
-def train_denoiser(config, workdir, train_set: data.Dataset, mesh) -> None:
-  x_adv = load_crafted(upstream(config, workdir), train_set)
+def train_denoiser(config, workdir, train_set: data.Dataset, mesh,
+                   budget: budgets.Budget | None = None) -> None:
+  checkpoint_dir = os.path.join(workdir, DENOISER_DIR)
+  train_set, x_adv = _denoiser_data(config, workdir, train_set, "train_denoiser")
+  keep_or_supersede(checkpoint_dir, _denoiser_lineage(config, workdir, train_set),
+                    "train_denoiser")
   classifier = factory.classifier(config, train_set.num_classes)
   classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
   train = config.denoiser
@@ -250,22 +362,26 @@ def train_denoiser(config, workdir, train_set: data.Dataset, mesh) -> None:
            step_fn=denoiser_train.make_step_fn(denoiser_step(config, classifier)),
            frozen=classifier_variables, arrays=(x_adv, train_set.images, train_set.labels),
            batch_size=train.batch_size, num_epochs=train.num_epochs,
-           key=_stage_key(config, "train_denoiser"),
-           checkpoint_dir=os.path.join(workdir, DENOISER_DIR), workdir=workdir,
-           **_fit_options(config, mesh, train_set))
+           key=_stage_key(config, "train_denoiser"), checkpoint_dir=checkpoint_dir,
+           workdir=workdir, budget=budget, **_fit_options(config, mesh, train_set))
 
 
-def train_baselines(config, workdir, train_set: data.Dataset, mesh) -> None:
-  """Each baseline denoiser in eval.defenses, on CAFD's crafted data with CAFD's schedule."""
+def train_baselines(config, workdir, train_set: data.Dataset, mesh,
+                    budget: budgets.Budget | None = None) -> None:
+  """Each baseline denoiser in eval.defenses, on CAFD's crafted data with CAFD's schedule; a
+  budget is shared out equally among those still to train."""
   names = baselines_to_train(config)
   if not names:
     print("[train_baselines] no baseline denoiser in eval.defenses; nothing to train", flush=True)
     return
-  x_adv = load_crafted(upstream(config, workdir), train_set)
   classifier = factory.classifier(config, train_set.num_classes)
   classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
   train = config.denoiser
+  train_set, x_adv = _denoiser_data(config, workdir, train_set, "train_baselines")
+  lineage = _denoiser_lineage(config, workdir, train_set)
   for index, name in enumerate(names):
+    checkpoint_dir = os.path.join(workdir, baseline_dir(name))
+    keep_or_supersede(checkpoint_dir, lineage, f"train_{name}_denoiser")
     key = jax.random.fold_in(_stage_key(config, "train_baselines"), index)
     state = factory.baseline_denoiser_state(config, key, _steps_per_epoch(train_set.num_global,
                                                                           train.batch_size),
@@ -274,8 +390,8 @@ def train_baselines(config, workdir, train_set: data.Dataset, mesh) -> None:
     loop.fit(stage=f"train_{name}_denoiser", state=state,
              step_fn=denoiser_train.make_step_fn(step), frozen=classifier_variables,
              arrays=(x_adv, train_set.images, train_set.labels), batch_size=train.batch_size,
-             num_epochs=train.num_epochs, key=key,
-             checkpoint_dir=os.path.join(workdir, baseline_dir(name)), workdir=workdir,
+             num_epochs=train.num_epochs, key=key, checkpoint_dir=checkpoint_dir,
+             workdir=workdir, budget=None if budget is None else budget.share(len(names) - index),
              **_fit_options(config, mesh, train_set))
 
 
@@ -298,9 +414,12 @@ def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
   return targets
 
 
-def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
+def run_evaluation(config, workdir, test_set: data.Dataset,
+                   budget: budgets.Budget | None = None,
+                   on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
   """The evaluation grid for this run's classifier and every transfer target; also writes the
-  arrays of the CAM picture."""
+  arrays of the CAM picture. With a ``budget``, no attack run (nor the picture) starts once it
+  is spent; the rows done are returned. ``on_rows(all rows so far)`` after each attack run."""
   defense_names = config_checks.split_names(config.eval.defenses)
   own_classifier = restore_classifier(config, workdir, test_set.num_classes)  # the first stage
   denoisers, denoiser_variables = {}, {}
@@ -310,20 +429,33 @@ def run_evaluation(config, workdir, test_set: data.Dataset) -> list[dict]:
       denoiser_variables[name] = restore_denoiser(config, workdir, name)
   key = _stage_key(config, "evaluate")
   results = []
+  spent = lambda: budget is not None and budget.spent()
   for index, (target, target_dir) in enumerate([(config, workdir)] + _transfer_targets(config)):
+    label = None
+    if index:
+      label = f"{target.model.name}@{os.path.basename(os.path.normpath(target_dir))}"
+      if spent():
+        budget.cut(model=label, run="0")
+        print(f"[evaluate] time budget spent: {label} is not attacked", flush=True)
+        continue
     classifier = factory.classifier(target, test_set.num_classes)
     classifier_variables = (restore_classifier(target, target_dir, test_set.num_classes)
                             if index else own_classifier)
     variables = {"classifier": classifier_variables, **denoiser_variables}
-    label = None
-    if index:
-      label = f"{target.model.name}@{os.path.basename(os.path.normpath(target_dir))}"
-    results += evaluate.evaluate(target, test_set, classifier, denoisers, variables,
-                                 defense_names, config_checks.split_names(config.eval.attacks),
-                                 config_checks.split_names(config.eval.threat_models),
-                                 jax.random.fold_in(key, index) if index else key,
-                                 model_label=label)
-    if index == 0 and parallel.is_primary():
+    earlier = list(results)
+    results += evaluate.evaluate(
+        target, test_set, classifier, denoisers, variables, defense_names,
+        config_checks.split_names(config.eval.attacks),
+        config_checks.split_names(config.eval.threat_models),
+        jax.random.fold_in(key, index) if index else key, model_label=label, budget=budget,
+        on_run=None if on_rows is None else lambda rows: on_rows(earlier + rows))
+    if index == 0 and spent():
+      budget.cut(figure="cam_grid")
+      print("[evaluate] time budget spent: the CAM picture is not drawn", flush=True)
+      stale = os.path.join(workdir, report.FIGURES_DIR, figures.CAM_ARRAYS)
+      if parallel.is_primary() and os.path.exists(stale):
+        os.remove(stale)  # an earlier evaluation's picture: not this report's
+    elif index == 0 and parallel.is_primary():
       arrays = evaluate.cam_figure_arrays(
           config, test_set, classifier, evaluate.preprocessors(defense_names, denoisers, config),
           variables, jax.random.fold_in(key, _FIGURE_KEY))
@@ -363,14 +495,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       print(f"[pipeline] training data sharded: process {train_set.shard[0]} of "
             f"{train_set.shard[1]} holds {len(train_set)} of {train_set.num_global} examples",
             flush=True)
-  stage_seconds = {}
+  stage_seconds, stage_records = {}, {}
 
   def timed(stage: str, function, *args):
-    stage_start = time.perf_counter()
-    value = function(*args)
-    stage_seconds[stage] = round(time.perf_counter() - stage_start, 1)
+    """Runs one stage under its time budget, then records and prints what it took."""
+    budget = budgets.Budget(budgets.stage_seconds(config, stage))
+    value = function(*args, budget)
+    record = budget.record()
+    stage_seconds[stage], stage_records[stage] = record["seconds"], record
     if primary:
-      print(f"[pipeline] {stage} took {stage_seconds[stage]:.1f}s", flush=True)
+      budgets.write_record(workdir, stage, record)
+      print(f"[pipeline] {stage} took {record['seconds']:.1f}s ({budgets.describe(record)})",
+            flush=True)
     return value
 
   if "train_classifier" in stages:
@@ -384,12 +520,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     timed("train_baselines", train_baselines, config, workdir, denoiser_set, mesh)
   if "evaluate" in stages:
     eval_set = test_set.take(_count(config.eval.num_examples))
-    results = timed("evaluate", run_evaluation, config, workdir, eval_set)
-    run_info = report.metadata(config.seed, time.perf_counter() - started)
-    run_info["stage_seconds"] = stage_seconds  # the stages of this invocation
+
+    def write_report(results: list[dict], final: bool) -> None:
+      """report.json and report.md of ``results``; until the grid is done, marked partial
+      (``metadata.partial``) and without figures, so a killed run still leaves its rows."""
+      run_info = report.metadata(config.seed, time.perf_counter() - started)
+      run_info["stage_seconds"] = stage_seconds  # the stages of this invocation
+      # Budget, seconds and cuts of each stage's latest run in this workdir, this one included.
+      run_info["stages"] = budgets.read_records(workdir) | stage_records
+      run_info["partial"] = not final
+      if primary:
+        report.write(workdir, config.to_dict(), results,
+                     {"wall_time_s": run_info["wall_time_s"], "metadata": run_info},
+                     draw_figures=final)
+
+    results = timed("evaluate", lambda *args: run_evaluation(
+        *args, on_rows=lambda rows: write_report(rows, final=False)), config, workdir, eval_set)
+    write_report(results, final=True)
     if primary:
-      report.write(workdir, config.to_dict(), results,
-                   {"wall_time_s": run_info["wall_time_s"], "metadata": run_info})
       print(f"[pipeline] report written to {os.path.join(workdir, 'report.md')}", flush=True)
   if "report" in stages and primary:
     report.render(workdir)

@@ -79,14 +79,16 @@ def metadata(seed: int, wall_time_s: float) -> dict:
           "seed": seed, "wall_time_s": round(wall_time_s, 1)}
 
 
-def write(workdir: str, config: dict, results: Sequence[dict], extra: dict | None = None) -> None:
-  """Writes DIR/report.json (results + integrity checks), then ``render``s the rest."""
+def write(workdir: str, config: dict, results: Sequence[dict], extra: dict | None = None,
+          draw_figures: bool = True) -> None:
+  """Writes DIR/report.json (results + integrity checks), then ``render``s the rest (the
+  figures only with ``draw_figures``)."""
   findings = integrity.run_checks(results)
   report = {"config": config, "results": list(results), "integrity": findings}
   if extra:
     report.update(extra)
   io_utils.write_json(os.path.join(workdir, REPORT_JSON), report)
-  render(workdir)
+  render(workdir, draw_figures)
 
 
 def load(workdir: str) -> dict:
@@ -128,14 +130,15 @@ def write_figures(workdir: str, results: Sequence[dict]) -> list[str]:
   return written
 
 
-def render(workdir: str) -> None:
-  """report.md and figures from DIR/report.json (and the arrays and logs beside it)."""
+def render(workdir: str, draw_figures: bool = True) -> None:
+  """report.md and figures from DIR/report.json (and the arrays and logs beside it); without
+  ``draw_figures``, report.md alone."""
   report = load(workdir)
   results = report["results"]
   findings = report.get("integrity")
   if findings is None:
     findings = integrity.run_checks(results)
-  written = write_figures(workdir, results)
+  written = write_figures(workdir, results) if draw_figures else []
   io_utils.write_text(os.path.join(workdir, REPORT_MD),
                       "# CAFD evaluation\n\n" + markdown_table(results) + "\n" +
                       integrity_section(findings) + "\n" + figures_section(written))

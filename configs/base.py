@@ -22,6 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.compute_dtype = "float32"
 
   # Devices and processes (cafd_jax/parallel.py, launch/README.md). Batch sizes are global.
+  # Time budget of each stage in seconds of wall time from its start, compilation included
+  # (0 = none; cafd_jax/budget.py). Training stops at a step boundary with a checkpoint,
+  # crafting before a chunk, evaluation before an attack run; a rerun with more time continues.
+  config.max_seconds = ml_collections.ConfigDict(dict(
+      train_classifier=0.0, craft=0.0, train_denoiser=0.0, train_baselines=0.0, evaluate=0.0))
+
   config.parallel = ml_collections.ConfigDict()
   config.parallel.distributed = False  # True: jax.distributed.initialize() (several processes)
   config.parallel.coordinator_address = ""  # empty: detected (TPU pod, SLURM); else HOST:PORT
@@ -57,8 +63,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.classifier.weight_decay = 5e-4
   config.classifier.num_epochs = 200
   config.classifier.batch_size = 128
+  # piecewise: lr x lr_decay_factor at each of lr_decay_epochs (the reference); one_cycle: linear
+  # warm-up from 0 to lr over warmup_fraction of the steps, then linear decay to 0.
+  config.classifier.schedule = "piecewise"
   config.classifier.lr_decay_epochs = (60, 120, 160)
   config.classifier.lr_decay_factor = 0.2
+  config.classifier.warmup_fraction = 0.2  # one_cycle only
+  config.classifier.label_smoothing = 0.0
   config.classifier.augment = True  # random crop (pad 4) + horizontal flip
   # >1: the batch runs as this many sequential microbatches, one update (fits small devices).
   config.classifier.accumulation_steps = 1
@@ -89,8 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.denoiser.weight_decay = 2e-4
   config.denoiser.num_epochs = 70
   config.denoiser.batch_size = 300
+  config.denoiser.schedule = "piecewise"  # or one_cycle, as for the classifier
   config.denoiser.lr_decay_epochs = (40, 50, 60)
   config.denoiser.lr_decay_factor = 0.3
+  config.denoiser.warmup_fraction = 0.2  # one_cycle only
   config.denoiser.caf_weight = 1e3
   config.denoiser.gan_weight = 5e-3
 
@@ -104,6 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.threat_models = "unseen"  # also: bpda, white_box (adaptive attacks)
   # The defenses attacked under bpda / white_box (comma-separated); empty: every defense.
   config.eval.adaptive_defenses = ""
+  # The attacks run under bpda / white_box (comma-separated); empty: every one of eval.attacks.
+  config.eval.adaptive_attacks = ""
   # Accuracy-vs-eps curve: sweep_attack re-run at each budget in sweep_eps (empty: none).
   config.eval.sweep_attack = "pgd"
   config.eval.sweep_eps = ()

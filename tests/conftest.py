@@ -3,6 +3,7 @@
 import functools
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +51,21 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if getattr(config, "cafd_xla_cache", None):
     shutil.rmtree(config.cafd_xla_cache, ignore_errors=True)
+
+
+def run_main(workdir, *overrides, config: str = "configs/tiny.py", timeout: int = 600):
+  """``python main.py --config CONFIG --workdir WORKDIR OVERRIDES...`` from the repository root."""
+  command = [sys.executable, "main.py", "--config", config, "--workdir", str(workdir), *overrides]
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+  """(workdir, result) of the whole tiny pipeline, run once for every test that reads it."""
+  workdir = tmp_path_factory.mktemp("run") / "work"
+  result = run_main(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
 
 
 @pytest.fixture()

@@ -1,4 +1,5 @@
-"""Interrupted training resumes to exactly the uninterrupted result; bad checkpoints fail clearly."""
+"""Interrupted or budget-cut training resumes to exactly the uninterrupted result; bad checkpoints
+fail clearly."""
 
 import os
 
@@ -6,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from cafd_jax import checkpoint, data, factory
+from cafd_jax import budget, checkpoint, data, factory
 from cafd_jax.train import classifier, loop
 
 
@@ -30,7 +31,7 @@ class DyingImages:
     return self.images[index]
 
 
-def _fit(config, directory, die_at=None):
+def _fit(config, directory, die_at=None, time_budget=None, prefetch_batches=0):
   dataset = data.make_synthetic(120, seed=5)
   images = dataset.images if die_at is None else DyingImages(dataset.images, die_at)
   state = factory.classifier_state(config, 10, jax.random.key(0), steps_per_epoch=4)
@@ -38,23 +39,60 @@ def _fit(config, directory, die_at=None):
                   step_fn=classifier.make_step_fn(use_augmentation=True),
                   arrays=(images, dataset.labels), batch_size=30, num_epochs=3, seed=0,
                   key=jax.random.key(1), checkpoint_dir=directory, workdir=None,
-                  prefetch_batches=0)
+                  prefetch_batches=prefetch_batches, budget=time_budget)
+
+
+def _assert_same_state(got, want):
+  for a, b in zip(jax.tree.leaves((got.params, got.batch_stats, got.opt_state)),
+                  jax.tree.leaves((want.params, want.batch_stats, want.opt_state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def _ticks():
+  """A clock that advances one second per reading."""
+  ticks = iter(range(10**6))
+  return lambda: float(next(ticks))
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_config, tmp_path):
   reference = _fit(tiny_config, str(tmp_path / "straight"))
   with pytest.raises(Interrupted):  # in the middle of the second epoch, after the first checkpoint
     _fit(tiny_config, str(tmp_path / "resumed"), die_at=7)
-  checkpoints = checkpoint.manager(str(tmp_path / "resumed"))
-  assert checkpoints.latest_step() == 1
-  checkpoints.close()
+  assert checkpoint.latest_step(str(tmp_path / "resumed")) == 4  # numbered by steps done
   resumed = _fit(tiny_config, str(tmp_path / "resumed"))
-  for got, want in zip(jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state)),
-                       jax.tree.leaves((reference.params, reference.batch_stats, reference.opt_state))):
-    np.testing.assert_array_equal(got, want)
+  _assert_same_state(resumed, reference)
   # A finished run restores and does no more steps.
   finished = _fit(tiny_config, str(tmp_path / "resumed"), die_at=1)
   assert int(finished.step) == int(reference.step)
+
+
+def test_budget_cuts_training_mid_epoch_and_a_rerun_continues_to_the_same_result(
+    tiny_config, tmp_path, capsys):
+  reference = _fit(tiny_config, str(tmp_path / "straight"))
+  directory = str(tmp_path / "cut")
+  # One clock reading at the start, one per step: spent after the third of 4 steps per epoch.
+  cut = budget.Budget(2.5, clock=_ticks())
+  state = _fit(tiny_config, directory, time_budget=cut, prefetch_batches=2)
+  assert int(state.step) == 3 and checkpoint.latest_step(directory) == 3
+  assert cut.record()["cut"] and cut.cuts == [{"stage": "test", "epoch": "1/3", "step": "3/12"}]
+  assert "stopped after step 3/4 of epoch 1/3" in capsys.readouterr().out
+  resumed = _fit(tiny_config, directory, time_budget=budget.Budget(0))
+  assert "resuming after step 3/4 of epoch 1/3" in capsys.readouterr().out
+  _assert_same_state(resumed, reference)
+  # A budget spent on the last step cuts nothing: training was complete.
+  last = budget.Budget(11.5, clock=_ticks())
+  _fit(tiny_config, str(tmp_path / "whole"), time_budget=last)
+  assert not last.cuts
+
+
+def test_checkpoints_numbered_by_epochs_still_resume(tiny_config, tmp_path):
+  """Checkpoints written before budgets existed were numbered by epochs done."""
+  reference = _fit(tiny_config, str(tmp_path / "straight"))
+  directory = tmp_path / "old"
+  with pytest.raises(Interrupted):  # after the first epoch's checkpoint (step 4)
+    _fit(tiny_config, str(directory), die_at=7)
+  os.rename(directory / "4", directory / "1")  # as the old numbering named it
+  _assert_same_state(_fit(tiny_config, str(directory)), reference)
 
 
 def test_corrupt_checkpoint_gives_one_clear_line(tiny_config, tmp_path):

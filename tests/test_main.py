@@ -13,21 +13,10 @@ import pytest
 from cafd_jax import api, data
 from cafd_jax.attacks import registry
 
-from conftest import ROOT, assert_in_box
+from conftest import ROOT, assert_in_box, run_main
 
 
-def _main(workdir, *overrides, timeout=600):
-  command = [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
-             *overrides]
-  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("run") / "work"
-  result = _main(workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
+_main = run_main
 
 
 def test_report_schema_and_table(finished_run):
@@ -263,13 +252,13 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
   command = [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir", str(killed),
              *overrides]
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  first_checkpoint = killed / "checkpoints" / "classifier" / "1"
+  first_checkpoint = killed / "checkpoints" / "classifier" / "6"  # steps: 300 // 50 an epoch
   deadline = time.time() + 300
   while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert first_checkpoint.exists() and not (killed / "checkpoints" / "classifier" / "4").exists()
+  assert first_checkpoint.exists() and not (killed / "checkpoints" / "classifier" / "24").exists()
   result = _main(killed, *overrides)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resuming after epoch" in result.stdout

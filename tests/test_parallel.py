@@ -139,9 +139,10 @@ def test_two_processes_each_read_craft_and_train_on_their_own_shard(tmp_path):
   # own natural image (rows mixed up between shards would be far from theirs).
   config = tiny.get_config()
   train_set = pipeline.load_data(config, "train", config.data.num_train)
-  crafted = pipeline.load_crafted(str(tmp_path / "run"),
-                                  train_set.take(config.craft.num_examples or None))
-  assert np.abs(crafted - train_set.images[:len(crafted)]).max() <= config.craft.eps + 1e-6
+  to_craft = train_set.take(config.craft.num_examples or None)
+  covered, crafted = pipeline.load_crafted(str(tmp_path / "run"), to_craft)
+  assert len(covered) == len(crafted) == len(to_craft)
+  assert np.abs(crafted - covered.images).max() <= config.craft.eps + 1e-6
   # and evaluates the checkpoints the two processes wrote.
   _run([sys.executable, "main.py"], tmp_path / "run", "--config.stages=evaluate")
   assert json.loads((tmp_path / "run" / "report.json").read_text())["results"]
@@ -158,6 +159,8 @@ def test_batches_must_split_over_the_devices():
 def _write_crafted(directory, chunks):
   """``chunks``: {file name: example indices}; each crafted image is filled with its index."""
   os.makedirs(directory / pipeline.CRAFT_DIR, exist_ok=True)
+  chunk_size = max(len(indices) for indices in chunks.values())
+  (directory / pipeline.CRAFT_DIR / "settings.json").write_text(json.dumps({"batch_size": chunk_size}))
   for name, indices in chunks.items():
     values = np.asarray(indices, np.float32)[:, None, None, None] * np.ones((1, 2, 2, 3), np.float32)
     np.save(directory / pipeline.CRAFT_DIR / name, values)
@@ -173,13 +176,24 @@ def test_crafted_set_reads_back_for_any_process_shard_whatever_wrote_it(tmp_path
                 "shard_00001of00002_chunk_00001.npy": [7, 9]}
   for name, chunks in (("one", one_process), ("two", two_shards)):
     _write_crafted(tmp_path / name, chunks)
-    read = lambda dataset: pipeline.load_crafted(str(tmp_path / name), dataset)[:, 0, 0, 0]
+    read = lambda dataset: pipeline.load_crafted(str(tmp_path / name), dataset)[1][:, 0, 0, 0]
     np.testing.assert_array_equal(read(whole), np.arange(10))
     for shard in ((0, 2), (1, 2), (2, 3)):
       np.testing.assert_array_equal(read(whole.select_shard(shard)),
                                     np.arange(shard[0], 10, shard[1]))
-    with pytest.raises(checkpoint.CheckpointError, match="a set of 10 .* run the craft stage"):
+    with pytest.raises(checkpoint.CheckpointError, match="larger than the 6 of this config"):
       read(whole.take(6))  # crafted for another set size
+  # Crafting stopped early (e.g. by its budget): the crafted prefix of the set is what there is.
+  os.remove(tmp_path / "two" / pipeline.CRAFT_DIR / "shard_00001of00002_chunk_00001.npy")
+  covered, crafted = pipeline.load_crafted(str(tmp_path / "two"), whole.select_shard((1, 2)))
+  assert covered.num_global == 7 and covered.shard == (1, 2)  # examples 0-6 were crafted
+  np.testing.assert_array_equal(crafted[:, 0, 0, 0], [1, 3, 5])
   os.remove(tmp_path / "two" / pipeline.CRAFT_DIR / "shard_00001of00002_chunk_00000.npy")
-  with pytest.raises(checkpoint.CheckpointError, match="2 of the 5 this process needs"):
+  with pytest.raises(checkpoint.CheckpointError, match="first 1 of 10 examples, none of those"):
     pipeline.load_crafted(str(tmp_path / "two"), whole.select_shard((1, 2)))
+  # Process 0's first chunk missing, its second there: those rows stay where they belong.
+  os.remove(tmp_path / "two" / pipeline.CRAFT_DIR / "shard_00000of00002_chunk_00000.npy")
+  with pytest.raises(checkpoint.CheckpointError, match="no crafted examples"):
+    pipeline.load_crafted(str(tmp_path / "two"), whole)
+  chunks = pipeline._crafted_chunks(str(tmp_path / "two" / pipeline.CRAFT_DIR))
+  assert [list(indices) for _, indices in chunks] == [[6, 8]]

@@ -78,3 +78,14 @@ def test_baseline_denoiser_step_reduces_its_loss(trained_tiny, tiny_config, name
   step = denoiser_train.make_baseline_train_step(model, name)
   history = _loss_history(step, state, (variables, x_adv, x_natural, labels), "loss")
   assert np.mean(history[-5:]) < 0.8 * np.mean(history[:3]), history
+
+
+def test_label_smoothing_spreads_the_target_over_every_class():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cafd_jax import losses  # pylint: disable=g-import-not-at-top
+  logits = jnp.asarray([[2.0, -1.0, 0.5, 0.0]])
+  log_p = jax.nn.log_softmax(logits)[0]
+  want = -(0.9 * log_p[2] + 0.1 * jnp.mean(log_p))  # 1 - s on the label, s over all 4 classes
+  got = losses.cross_entropy(logits, jnp.asarray([2]), label_smoothing=0.1)
+  assert float(got[0]) == pytest.approx(float(want), rel=1e-6)
+  assert float(losses.cross_entropy(logits, jnp.asarray([2]))[0]) == pytest.approx(float(-log_p[2]))

@@ -1,4 +1,5 @@
-"""Target-classifier training: cross-entropy, SGD or Adam, optional crop+flip augmentation."""
+"""Target-classifier training: cross-entropy (optionally label-smoothed), SGD or Adam, optional
+crop+flip augmentation."""
 
 import functools
 
@@ -20,11 +21,12 @@ def microbatches(array: jnp.ndarray, count: int) -> jnp.ndarray:
   return jnp.swapaxes(array.reshape(array.shape[0] // count, count, *array.shape[1:]), 0, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("use_augmentation", "accumulation_steps"),
+@functools.partial(jax.jit, static_argnames=("use_augmentation", "accumulation_steps",
+                                             "label_smoothing"),
                    donate_argnums=(0,))
 def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarray,
-               key: jax.Array, use_augmentation: bool, accumulation_steps: int = 1
-               ) -> tuple[common.TrainState, dict]:
+               key: jax.Array, use_augmentation: bool, accumulation_steps: int = 1,
+               label_smoothing: float = 0.0) -> tuple[common.TrainState, dict]:
   """One optimiser step on a batch; BatchNorm in training mode.
 
   With ``accumulation_steps`` k > 1 the batch is processed as k microbatches in sequence
@@ -40,7 +42,7 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
                                      images, train=True, mutable=["batch_stats"])
     logits = logits.astype(jnp.float32)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    loss = jnp.mean(losses.cross_entropy(logits, labels))
+    loss = jnp.mean(losses.cross_entropy(logits, labels, label_smoothing))
     return loss, (accuracy, updates["batch_stats"])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -63,13 +65,14 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
   return state, {"loss": loss, "accuracy": accuracy}
 
 
-def make_step_fn(use_augmentation: bool, accumulation_steps: int = 1):
+def make_step_fn(use_augmentation: bool, accumulation_steps: int = 1,
+                 label_smoothing: float = 0.0):
   """``train_step`` in the (state, batch, key, frozen) form of ``loop.fit``."""
   def step_fn(state, batch, key, frozen=None):
     del frozen  # the classifier step reads nothing besides its own state
     images, labels = batch
     return train_step(state, jnp.asarray(images), jnp.asarray(labels), key, use_augmentation,
-                      accumulation_steps)
+                      accumulation_steps, float(label_smoothing))
   return step_fn
 
 

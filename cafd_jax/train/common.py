@@ -21,6 +21,30 @@ def piecewise_schedule(base_lr: float, steps_per_epoch: int, decay_epochs: Seque
   return optax.piecewise_constant_schedule(base_lr, boundaries)
 
 
+def one_cycle_schedule(peak_lr: float, total_steps: int,
+                       warmup_fraction: float) -> optax.Schedule:
+  """Linear warm-up from 0 to ``peak_lr`` over ``warmup_fraction`` of ``total_steps``, then
+  linear decay to 0 at the last step: a schedule made for short training budgets."""
+  total_steps = max(int(total_steps), 1)
+  warmup = min(max(int(round(warmup_fraction * total_steps)), 1), total_steps)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak_lr, warmup),
+       optax.linear_schedule(peak_lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+
+
+def schedule(train, steps_per_epoch: int) -> optax.Schedule:
+  """The learning-rate schedule of a training section of the config (``classifier`` or
+  ``denoiser``): ``piecewise`` (the reference's step decays) or ``one_cycle``."""
+  kind = train.get("schedule", "piecewise")
+  if kind == "one_cycle":
+    return one_cycle_schedule(train.learning_rate, train.num_epochs * steps_per_epoch,
+                              train.get("warmup_fraction", 0.2))
+  if kind != "piecewise":
+    raise ValueError(f"schedule must be piecewise or one_cycle, got {kind!r}.")
+  return piecewise_schedule(train.learning_rate, steps_per_epoch, train.lr_decay_epochs,
+                            train.lr_decay_factor)
+
+
 def make_optimizer(name: str, schedule: optax.Schedule, *, weight_decay: float,
                    momentum: float = 0.9, nesterov: bool = False) -> optax.GradientTransformation:
   """SGD with momentum or Adam, each with coupled L2 weight decay (as torch.optim does)."""

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from cafd_jax import budget as budgets
 from cafd_jax import checkpoint, metrics, parallel
 
 StepFn = Callable[[Any, tuple, jax.Array, Any], tuple[Any, dict]]
@@ -47,13 +48,18 @@ def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray]
         batch_size: int, num_epochs: int, seed: int, key: jax.Array, checkpoint_dir: str,
         workdir: str | None, log_every_steps: int = 50, max_to_keep: int = 2,
         frozen: Any = None, mesh: Mesh | None = None, fsdp: bool = False,
-        prefetch_batches: int = 2, global_size: int | None = None) -> Any:
+        prefetch_batches: int = 2, global_size: int | None = None,
+        budget: budgets.Budget | None = None) -> Any:
   """Runs ``step_fn`` over shuffled global batches for ``num_epochs``, resuming from checkpoints.
 
   ``batch_size`` is global; every process draws the same epoch order and feeds only its own rows
   of each batch (``parallel.local_rows``). A checkpoint (the whole ``state`` pytree, written by
-  all processes together) is saved after every epoch, numbered by epochs done; a rerun restores
-  the latest and continues with identical data order and keys, on any number of devices.
+  all processes together) is saved after every epoch, numbered by the steps done; a rerun
+  restores the latest and continues with identical data order and keys, on any number of
+  devices, from the middle of an epoch too.
+
+  With a ``budget``, training stops at the first step boundary past it, writes a checkpoint
+  there and records the cut (``Budget.cut``); the same call with more time continues from it.
 
   With ``global_size``, ``arrays`` hold only this process's shard (examples p, p + P, ... of
   ``global_size``; ``data.load_split(shard=...)``): each process shuffles its own shard
@@ -83,33 +89,66 @@ def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray]
       return np.sort(order[index * per_process:(index + 1) * per_process])
     return np.sort(order[index * batch_size:(index + 1) * batch_size])[rows]
 
-  def batches(start_epoch):
-    for epoch in range(start_epoch, num_epochs):
+  def batches(start_step):
+    for epoch in range(start_step // steps_per_epoch, num_epochs):
       order = (local_epoch_order(len(arrays[0]), seed, epoch) if sharded
                else epoch_order(num_examples, seed, epoch))
-      for index in range(steps_per_epoch):
+      for index in range(start_step % steps_per_epoch if epoch == start_step // steps_per_epoch
+                         else 0, steps_per_epoch):
         indices = batch_indices(order, index)
         local = tuple(array[indices] for array in arrays)
         yield epoch, index, parallel.shard_batch(local, mesh, batch_size)
 
+  total_steps = num_epochs * steps_per_epoch
   checkpoints = checkpoint.manager(checkpoint_dir, max_to_keep)
   try:
     restored = checkpoint.restore_latest(checkpoints, state)
-    start_epoch = 0
+    start_step = 0
     if restored is not None:
-      start_epoch, state = restored
-      print(f"[{stage}] resuming after epoch {start_epoch}/{num_epochs}", flush=True)
-    logger = metrics.ProgressLogger(stage, num_epochs * steps_per_epoch, workdir, batch_size,
-                                    log_every_steps)
+      start_step, state = restored
+      start_step = _steps_done(start_step, state, steps_per_epoch)
+      print(f"[{stage}] resuming after {_position(start_step, steps_per_epoch, num_epochs)}",
+            flush=True)
+    logger = metrics.ProgressLogger(stage, total_steps, workdir, batch_size, log_every_steps)
     try:
-      for epoch, index, batch in parallel.prefetch(batches(start_epoch), prefetch_batches):
+      for epoch, index, batch in parallel.prefetch(batches(start_step), prefetch_batches):
         step = epoch * steps_per_epoch + index
         state, step_metrics = compiled(state, batch, step_key(step), frozen)
         logger.step(step + 1, step_metrics)
-        if index == steps_per_epoch - 1:
-          checkpoint.save(checkpoints, epoch + 1, state)
+        epoch_done = index == steps_per_epoch - 1
+        if epoch_done:
+          checkpoint.save(checkpoints, step + 1, state)
+        if step + 1 < total_steps and budget is not None and budget.spent():
+          if not epoch_done:
+            checkpoint.save(checkpoints, step + 1, state)
+          budget.cut(stage=stage, epoch=f"{epoch + 1}/{num_epochs}",
+                     step=f"{step + 1}/{total_steps}")
+          print(f"[{stage}] time budget of {budget.max_seconds:g}s spent: stopped after "
+                f"{_position(step + 1, steps_per_epoch, num_epochs)} (checkpoint written)",
+                flush=True)
+          break
     finally:
       logger.close()
   finally:
     checkpoints.close()
   return state
+
+
+def _steps_done(number: int, state: Any, steps_per_epoch: int) -> int:
+  """The steps a restored checkpoint holds. Checkpoints are numbered by steps; those written
+  before budgets existed were numbered by epochs, which their optimiser's step count reveals."""
+  first = state[0] if isinstance(state, (tuple, list)) and state else state
+  counted = getattr(first, "step", None)
+  if isinstance(counted, jax.Array):  # replicated: any local copy will do
+    counted = np.asarray(counted.addressable_shards[0].data)
+  if counted is not None and int(counted) != number and int(counted) == number * steps_per_epoch:
+    return int(counted)
+  return number
+
+
+def _position(steps_done: int, steps_per_epoch: int, num_epochs: int) -> str:
+  """'epoch 3/10' at an epoch's end, else 'step 5/12 of epoch 3/10'."""
+  epoch, index = divmod(steps_done, steps_per_epoch)
+  if index == 0:
+    return f"epoch {epoch}/{num_epochs}"
+  return f"step {index}/{steps_per_epoch} of epoch {epoch + 1}/{num_epochs}"
