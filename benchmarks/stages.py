@@ -37,7 +37,6 @@ from ml_collections import config_flags
 
 from benchmarks import compare, hardware
 from cafd_jax import config_checks, evaluate, factory, parallel, pipeline
-from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import common
 from cafd_jax.train import denoiser as denoiser_train
 from cafd_jax.train import loop
@@ -171,7 +170,7 @@ def measure(config: ml_collections.ConfigDict, num_train: int, num_test: int, nu
     state = factory.classifier_state(config, num_classes, jax.random.key(0), steps_per_epoch,
                                      dtype)
     add(_train_step_time("train_classifier", "classifier step",
-                         classifier_train.make_step_fn(train.augment, train.accumulation_steps),
+                         pipeline.classifier_step_fn(config),
                          state, _random_batch(train.batch_size, size, num_classes, 0), None,
                          train.num_epochs * steps_per_epoch, mesh, config, repeats))
   bound = parallel.replicate(variables, local)
@@ -198,8 +197,8 @@ def measure(config: ml_collections.ConfigDict, num_train: int, num_test: int, nu
                          train.num_epochs * steps_per_epoch, mesh, config, repeats))
   if "train_baselines" in stages:
     for name in pipeline.baselines_to_train(config):
-      state = factory.baseline_denoiser_state(config, jax.random.key(4), steps_per_epoch, dtype)
-      step = denoiser_train.make_baseline_train_step(classifier, name)
+      state, step = pipeline.baseline_state_and_step(config, classifier, name,
+                                                     jax.random.key(4), steps_per_epoch)
       add(_train_step_time("train_baselines", f"{name} denoiser step",
                            denoiser_train.make_step_fn(step), state, denoiser_batch, variables,
                            train.num_epochs * steps_per_epoch, mesh, config, repeats))

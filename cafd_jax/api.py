@@ -34,7 +34,8 @@ class Defended:
 
 
 def load(workdir: str, denoiser: str = "cafd") -> Defended:
-  """Restores the classifier and a denoiser (``cafd``, or a baseline: ``pixel``, ``hgd``)."""
+  """Restores the classifier and a denoiser (``cafd``, ``cafd_caf``, or a baseline: ``pixel``,
+  ``hgd``)."""
   if denoiser not in evaluate.DENOISERS:
     raise ValueError(f"denoiser must be one of {evaluate.DENOISERS}, got {denoiser!r}.")
   config_path = os.path.join(workdir, "config.json")

@@ -116,10 +116,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   smoothing = config.classifier.get("label_smoothing", 0.0)
   _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1,
            f"config.classifier.label_smoothing must be in [0, 1), got {smoothing!r}.")
+  _require(not config.classifier.get("whiten_patches", False)
+           or config.model.name in models.AIRBENCH_LAYOUTS,
+           f"config.classifier.whiten_patches needs a model with a patch-whitening layer "
+           f"({','.join(models.AIRBENCH_LAYOUTS)}), not {config.model.name!r}; set it False.")
+  _positive("config.classifier.norm_bias_lr_scale",
+            config.classifier.get("norm_bias_lr_scale", 1.0))
+  padding = config.classifier.get("crop_padding", 4)
+  _require(isinstance(padding, int) and 0 <= padding < config.data.image_size,
+           f"config.classifier.crop_padding must be an int in [0, image size), got {padding!r}.")
   _positive("config.eval.batch_size", config.eval.batch_size)
   _non_negative("config.denoiser.caf_weight", config.denoiser.caf_weight)
   _non_negative("config.denoiser.gan_weight", config.denoiser.gan_weight)
   _check_names("config.eval.attacks", config.eval.attacks, evaluate.ATTACKS)
+  if config.eval.get("transfer_attacks", ""):
+    _check_names("config.eval.transfer_attacks", config.eval.transfer_attacks, evaluate.ATTACKS)
   _check_names("config.eval.defenses", config.eval.defenses, evaluate.DEFENSES)
   _check_names("config.eval.threat_models", config.eval.threat_models, evaluate.THREAT_MODELS)
   if split_names(config.eval.get("adaptive_attacks", "")):

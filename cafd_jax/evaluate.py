@@ -29,7 +29,8 @@ from cafd_jax.attacks import registry, wrappers
 from cafd_jax.train import denoiser as denoiser_train
 
 ATTACKS = ("none", "caf") + tuple(registry.ATTACKS)
-DENOISERS = ("cafd",) + denoiser_train.BASELINES  # learned defenses, all the same U-Net
+# learned defenses, all the same U-Net
+DENOISERS = ("cafd", denoiser_train.CAF_LOSS_DENOISER) + denoiser_train.BASELINES
 DEFENSES = ("none",) + DENOISERS + tuple(defenses.TRANSFORMS)
 THREAT_MODELS = ("unseen", "bpda", "white_box")
 LogitsFn = Callable[[jnp.ndarray], jnp.ndarray]

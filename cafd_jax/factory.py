@@ -45,7 +45,9 @@ def classifier_state(config: ml_collections.ConfigDict, num_classes: int, key: j
   train = config.classifier
   tx = common.make_optimizer(train.optimizer, common.schedule(train, steps_per_epoch),
                              weight_decay=train.weight_decay,
-                             momentum=train.momentum, nesterov=train.nesterov)
+                             momentum=train.momentum, nesterov=train.nesterov,
+                             frozen=(models.WHITEN_LAYER,) if train.get("whiten_patches") else (),
+                             norm_bias_lr_scale=train.get("norm_bias_lr_scale", 1.0))
   return common.create_state(classifier(config, num_classes, dtype), key, _sample(config), tx)
 
 

@@ -3,7 +3,8 @@
   train_classifier -> DIR/checkpoints/classifier      (Orbax, one per epoch)
   craft            -> DIR/craft/chunk_*.npy           (CAF adversarial training set, per chunk)
   train_denoiser   -> DIR/checkpoints/denoiser        (Orbax: denoiser + discriminator)
-  train_baselines  -> DIR/checkpoints/denoiser_NAME   (pixel / hgd, if named in eval.defenses)
+  train_baselines  -> DIR/checkpoints/denoiser_NAME   (pixel / hgd / cafd_caf, if named in
+                                                       eval.defenses)
   evaluate         -> DIR/report.json, DIR/report.md, DIR/figures/  (restores checkpoints only)
   report           -> report.md and figures rebuilt from DIR/report.json, nothing recomputed
 
@@ -56,9 +57,16 @@ def baseline_dir(name: str) -> str:
 
 
 def baselines_to_train(config: ml_collections.ConfigDict) -> list[str]:
-  """The baseline denoisers named in ``config.eval.defenses``."""
+  """The denoisers besides ``cafd`` named in ``config.eval.defenses``: the baselines, then
+  ``cafd_caf`` (appended last, so that earlier runs' baselines keep their PRNG keys)."""
   names = config_checks.split_names(config.eval.defenses)
-  return [name for name in denoiser_train.BASELINES if name in names]
+  return [name for name in denoiser_train.BASELINES + (denoiser_train.CAF_LOSS_DENOISER,)
+          if name in names]
+
+
+def _is_cafd_pair(name: str) -> bool:
+  """Whether denoiser ``name`` trains as CAFD: a (denoiser, discriminator) pair."""
+  return name in ("cafd", denoiser_train.CAF_LOSS_DENOISER)
 
 
 def _count(value: int) -> int | None:
@@ -97,10 +105,13 @@ def restore_classifier(config: ml_collections.ConfigDict, workdir: str, num_clas
 
 
 def restore_denoiser(config: ml_collections.ConfigDict, workdir: str, name: str = "cafd") -> dict:
-  """Inference variables of a trained denoiser (cafd or a baseline), from its checkpoint alone."""
-  if name == "cafd":
+  """Inference variables of a trained denoiser (cafd, cafd_caf or a baseline), from its
+  checkpoint alone."""
+  if _is_cafd_pair(name):
     template = factory.denoiser_states(config, jax.random.key(0), 1)
-    states = checkpoint.require_latest(os.path.join(workdir, DENOISER_DIR), template, "denoiser")
+    directory = DENOISER_DIR if name == "cafd" else baseline_dir(name)
+    states = checkpoint.require_latest(os.path.join(workdir, directory), template,
+                                       "denoiser" if name == "cafd" else f"{name} denoiser")
     return common.variables_of(states[0])
   template = factory.baseline_denoiser_state(config, jax.random.key(0), 1)
   state = checkpoint.require_latest(os.path.join(workdir, baseline_dir(name)), template,
@@ -156,15 +167,25 @@ def _fit_options(config: ml_collections.ConfigDict, mesh, train_set: data.Datase
               global_size=None if train_set.shard == (0, 1) else train_set.num_global)
 
 
+def classifier_step_fn(config: ml_collections.ConfigDict) -> Callable:
+  """The classifier train step of ``config.classifier`` in ``loop.fit``'s form."""
+  train = config.classifier
+  return classifier_train.make_step_fn(train.augment, train.accumulation_steps,
+                                       train.get("label_smoothing", 0.0),
+                                       train.get("crop_padding", 4))
+
+
 def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset,
                      mesh, budget: budgets.Budget | None = None) -> None:
   train = config.classifier
   state = factory.classifier_state(config, train_set.num_classes, _stage_key(config, "train_classifier"),
                                    _steps_per_epoch(train_set.num_global, train.batch_size),
                                    factory.training_dtype(config))
+  if train.get("whiten_patches"):
+    state = classifier_train.with_whitened_patches(state, train_set.images, config.model.mean,
+                                                   config.model.std)
   state = loop.fit(stage="train_classifier", state=state,
-                   step_fn=classifier_train.make_step_fn(train.augment, train.accumulation_steps,
-                                                         train.get("label_smoothing", 0.0)),
+                   step_fn=classifier_step_fn(config),
                    arrays=(train_set.images, train_set.labels), batch_size=train.batch_size,
                    num_epochs=train.num_epochs, key=_stage_key(config, "train_classifier"),
                    checkpoint_dir=os.path.join(workdir, CLASSIFIER_DIR), workdir=workdir,
@@ -338,9 +359,11 @@ def _denoiser_lineage(config, workdir: str, crafted_set: data.Dataset) -> dict:
           "crafted_with_classifier_step": crafted_with.get("classifier_step")}
 
 
-def denoiser_step(config: ml_collections.ConfigDict, classifier) -> Callable:
-  """The jitted CAFD denoiser + discriminator step of ``config`` (``make_train_step``)."""
-  options = denoiser_train.caf_options(config.caf, config.caf.loss_kind)
+def denoiser_step(config: ml_collections.ConfigDict, classifier,
+                  loss_kind: str | None = None) -> Callable:
+  """The jitted CAFD denoiser + discriminator step of ``config`` (``make_train_step``), with
+  the CAF kind ``loss_kind`` (default ``caf.loss_kind``)."""
+  options = denoiser_train.caf_options(config.caf, loss_kind or config.caf.loss_kind)
   return denoiser_train.make_train_step(
       classifier, caf_kind=options.pop("kind"), caf_weight=config.denoiser.caf_weight,
       gan_weight=config.denoiser.gan_weight, **options)
@@ -366,10 +389,22 @@ def train_denoiser(config, workdir, train_set: data.Dataset, mesh,
            workdir=workdir, budget=budget, **_fit_options(config, mesh, train_set))
 
 
+def baseline_state_and_step(config: ml_collections.ConfigDict, classifier, name: str,
+                            key: jax.Array, steps_per_epoch: int) -> tuple:
+  """(fresh state, jitted train step) of denoiser ``name`` of ``baselines_to_train``."""
+  dtype = factory.training_dtype(config)
+  if _is_cafd_pair(name):
+    return (factory.denoiser_states(config, key, steps_per_epoch, dtype),
+            denoiser_step(config, classifier, denoiser_train.CAF_LOSS_KIND))
+  return (factory.baseline_denoiser_state(config, key, steps_per_epoch, dtype),
+          denoiser_train.make_baseline_train_step(classifier, name))
+
+
 def train_baselines(config, workdir, train_set: data.Dataset, mesh,
                     budget: budgets.Budget | None = None) -> None:
-  """Each baseline denoiser in eval.defenses, on CAFD's crafted data with CAFD's schedule; a
-  budget is shared out equally among those still to train."""
+  """Each denoiser of ``baselines_to_train`` (pixel, hgd: their own losses; cafd_caf: CAFD's
+  step with the CAF loss), on CAFD's crafted data with CAFD's U-Net and schedule; a budget is
+  shared out equally among those still to train."""
   names = baselines_to_train(config)
   if not names:
     print("[train_baselines] no baseline denoiser in eval.defenses; nothing to train", flush=True)
@@ -383,10 +418,8 @@ def train_baselines(config, workdir, train_set: data.Dataset, mesh,
     checkpoint_dir = os.path.join(workdir, baseline_dir(name))
     keep_or_supersede(checkpoint_dir, lineage, f"train_{name}_denoiser")
     key = jax.random.fold_in(_stage_key(config, "train_baselines"), index)
-    state = factory.baseline_denoiser_state(config, key, _steps_per_epoch(train_set.num_global,
-                                                                          train.batch_size),
-                                            factory.training_dtype(config))
-    step = denoiser_train.make_baseline_train_step(classifier, name)
+    state, step = baseline_state_and_step(
+        config, classifier, name, key, _steps_per_epoch(train_set.num_global, train.batch_size))
     loop.fit(stage=f"train_{name}_denoiser", state=state,
              step_fn=denoiser_train.make_step_fn(step), frozen=classifier_variables,
              arrays=(x_adv, train_set.images, train_set.labels), batch_size=train.batch_size,
@@ -410,6 +443,7 @@ def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
       other_config = ml_collections.ConfigDict(json.load(file))
     target = ml_collections.ConfigDict(config.to_dict())
     target.model = other_config.model
+    target.eval.attacks = config.eval.get("transfer_attacks", "") or config.eval.attacks
     targets.append((target, other))
   return targets
 
@@ -445,7 +479,7 @@ def run_evaluation(config, workdir, test_set: data.Dataset,
     earlier = list(results)
     results += evaluate.evaluate(
         target, test_set, classifier, denoisers, variables, defense_names,
-        config_checks.split_names(config.eval.attacks),
+        config_checks.split_names(target.eval.attacks),
         config_checks.split_names(config.eval.threat_models),
         jax.random.fold_in(key, index) if index else key, model_label=label, budget=budget,
         on_run=None if on_rows is None else lambda rows: on_rows(earlier + rows))

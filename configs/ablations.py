@@ -16,8 +16,8 @@ PGD and white-box PGD through it. ``launch/ablations.sh`` runs them all and prin
   caf_no_gan     caf_loss without the GAN term
   gradcam        caf_loss with Grad-CAM class weights
   gradcampp      caf_loss with Grad-CAM++ class weights
-  mid_layer      gradcam at the input of the first conv after the last pooling (VGG)
-  early_layer    gradcam at the input of the first conv after the first pooling (VGG)
+  mid_layer      gradcam at the input of the first conv after the last pooling (VGG, airbench)
+  early_layer    gradcam at the input of the first conv after the first pooling (VGG, airbench)
 
 To fit all variants in about an hour on 2 cores, the denoisers train 4 epochs on quickstart (not
 8) and 1 on cifar10_cpu (not 3), and evaluation uses 250 test images (docs/ablations.md).
@@ -42,10 +42,14 @@ def _variant_settings(variant: str, model_name: str) -> dict:
   caf_loss = {"caf.loss_kind": "weighted_features"}
   no_gan = {"denoiser.gan_weight": 0.0}
   if variant in ("mid_layer", "early_layer"):
-    if model_name not in models.VGG_LAYOUTS:
-      raise ValueError(f"ablation {variant} is defined for VGG layouts, not {model_name!r}.")
-    layer = vgg_layer_after_pool(models.VGG_LAYOUTS[model_name],
-                                 -1 if variant == "mid_layer" else 0)
+    pool_index = -1 if variant == "mid_layer" else 0
+    if model_name in models.VGG_LAYOUTS:
+      layer = vgg_layer_after_pool(models.VGG_LAYOUTS[model_name], pool_index)
+    elif model_name in models.AIRBENCH_LAYOUTS:  # each block pools after its first conv
+      layer = f"block{range(len(models.AIRBENCH_LAYOUTS[model_name]))[pool_index]}_conv1:input"
+    else:
+      raise ValueError(f"ablation {variant} is defined for VGG and airbench layouts, not "
+                       f"{model_name!r}.")
     return caf_loss | {"caf.weights": "gradcam", "caf.feature_layer": layer}
   settings = {
       "feature_loss": {},

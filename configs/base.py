@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shard_per_process = False
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "vgg19"  # vgg_tiny, vgg11/13/16/19, resnet18/34/50, wrn
+  config.model.name = "vgg19"  # vgg_tiny, vgg11/13/16/19, resnet18/34/50, wrn, airbench93/94
   config.model.width = 1.0  # channel multiplier
   config.model.depth = 28  # wrn only
   config.model.widen_factor = 10  # wrn only
@@ -70,7 +70,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.classifier.lr_decay_factor = 0.2
   config.classifier.warmup_fraction = 0.2  # one_cycle only
   config.classifier.label_smoothing = 0.0
-  config.classifier.augment = True  # random crop (pad 4) + horizontal flip
+  config.classifier.augment = True  # random crop (zero pad crop_padding) + horizontal flip
+  config.classifier.crop_padding = 4
+  # airbench93/94 only: the first layer whitens 2x2 patches (set from 5,000 training images, then
+  # fixed); see cafd_jax/models/airbench.py.
+  config.classifier.whiten_patches = False
+  # BatchNorm biases: this times the learning rate, weight decay divided by it (airbench: 64).
+  config.classifier.norm_bias_lr_scale = 1.0
   # >1: the batch runs as this many sequential microbatches, one update (fits small devices).
   config.classifier.accumulation_steps = 1
 
@@ -127,6 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Workdirs of other runs on the same data whose classifiers are also attacked behind this
   # run's defenses (transfer: a denoiser trained against one model, used before another).
   config.eval.transfer_workdirs = ()
+  config.eval.transfer_attacks = ""  # the attacks on those targets; empty: eval.attacks
   # Input-transform baselines (Xu et al. 2018 on CIFAR-10: 5 bits, 2x2 median; JPEG 75).
   config.eval.bit_depth = ml_collections.ConfigDict(dict(bits=5))
   config.eval.median = ml_collections.ConfigDict(dict(size=2))

@@ -1,15 +1,33 @@
-"""Real CIFAR-10 on a CPU: the whole pipeline within 2 hours on 2 cores (docs/results.md).
+"""Real CIFAR-10 on a CPU: the whole pipeline as one invocation of at most 2 h 30 min on 2 cores.
 
-Reads the ImageFolder copy at ../shared/data/cifar10 (JPEG re-encoding of CIFAR-10). The method,
-losses and attacks are the reference ones; what is shortened to fit the CPU budget:
-- target: a 4-conv VGG-BN (``vgg_tiny``, 0.24M parameters) trained 15 epochs, not VGG-19 for 200;
-- crafting: CAF-PGD with 10 steps of 2/255 (not 100 of 0.01) on 10,000 training images;
-- denoisers: U-Net at a quarter width, a few epochs on those 10,000 pairs;
-- baselines: the pixel-loss and HGD denoisers get CAFD's data, U-Net and schedule;
-- evaluation: 1,000 test images; CW-L2 (20 steps, one constant) and DDN (20 steps) shortened;
-  AutoAttack is the reduced "fast" version (APGD-CE then APGD-T, 20 steps, 3 target classes),
-  not the standard one; white-box attacks target the CAFD denoiser only (``adaptive_defenses``);
-  the accuracy-vs-eps sweep (2, 4, 16 /255) is unseen only (``sweep_threat_models``).
+Reads the ImageFolder copy at ../shared/data/cifar10 (JPEG re-encoding of CIFAR-10); results
+and the command in docs/results.md. The method, losses and attacks are the reference ones; what
+is shortened to fit the CPU, and the time each stage was given (SPLIT below), is measured:
+- target: ``airbench93`` (cafd_jax/models/airbench.py; 0.4M parameters) with airbench's
+  training tricks (patch whitening, one-cycle nesterov SGD, label smoothing 0.2, 64x lr on
+  BatchNorm biases, 2-pixel crops), 14 epochs, instead of VGG-19 for 200 epochs;
+- crafting: CAF-PGD, 20 steps of 2/255 (eps 8/255) on 20,000 training images, not 100 steps
+  of 0.01 on all 50,000;
+- denoisers: CAFD (the reference code's feature loss), CAFD with the paper's CAF loss
+  (``cafd_caf``), HGD and pixel, each a U-Net at 1/8 of the full width, 10 epochs on those
+  20,000 pairs, one-cycle Adam;
+- evaluation: 2,000 test images; unseen PGD-20, AutoAttack "fast" (APGD-CE then APGD-T,
+  20 steps, 3 target classes), CW-L2 (20 steps, one constant), DDN (20 steps), the CAF attack
+  (20 steps); white-box PGD-20 through the CAFD denoiser only; PGD at 2, 4, 16 /255 (unseen).
+
+The split, from steps timed on 2 cores (2026-12-01, ``python -m benchmarks.stages --config
+configs/cifar10_cpu.py``; compilation, loading and checkpoints not included) and the classifier
+stage run alone (14 epochs: 2,009 s, 338 img/s, 87.68% on the 10,000 test images: short of
+the 90% aimed at, issue 24):
+  train_classifier  1,358 steps x 1.50 s = 34 min                     budget 2,400 s
+  craft             40 chunks of 500 x 15.0 s = 10 min                budget   900 s
+  train_denoiser    CAFD, 2,000 steps x 0.445 s = 15 min              budget 1,200 s
+  train_baselines   cafd_caf 15.4, hgd 12.8, pixel 5.7 min = 34 min   budget 2,700 s
+  evaluate          unseen attacks 9.7 min (AutoAttack 4.2), the sweep
+                    ~3, white-box PGD through the U-Net (not timed)   budget 1,700 s
+about 2 h of computing; the budgets (8,900 s) keep one invocation, start-up and data loading
+included, under 2 h 30 min even where an estimate is off, and say in report.json where a stage
+was cut if one is.
 """
 
 from configs import base
@@ -19,39 +37,54 @@ def get_config():
   config = base.get_config()
   config.data.source = "folder:../shared/data/cifar10"
   config.log_every_steps = 100
+  config.max_seconds.update(dict(train_classifier=2400.0, craft=900.0, train_denoiser=1200.0,
+                                 train_baselines=2700.0, evaluate=1700.0))
 
-  config.model.name = "vgg_tiny"
+  config.model.name = "airbench93"
   config.model.width = 1.0
 
-  config.classifier.optimizer = "sgd"
-  config.classifier.learning_rate = 0.05
-  config.classifier.nesterov = True
-  config.classifier.num_epochs = 15
-  config.classifier.batch_size = 128
-  config.classifier.lr_decay_epochs = (8, 11, 13)
-  config.classifier.lr_decay_factor = 0.2
+  # airbench's hyper-parameters (per 1,024 examples: lr 11.5, wd 0.0153 in its decoupled form)
+  # as coupled SGD on the mean loss of a 512 batch.
+  train = config.classifier
+  train.optimizer = "sgd"
+  train.nesterov = True
+  train.momentum = 0.85
+  train.batch_size = 512
+  train.learning_rate = 0.75
+  train.weight_decay = 1.33e-3
+  train.schedule = "one_cycle"
+  train.warmup_fraction = 0.23
+  train.num_epochs = 14
+  train.label_smoothing = 0.2
+  train.crop_padding = 2
+  train.whiten_patches = True
+  train.norm_bias_lr_scale = 64.0
 
-  config.craft.num_examples = 10000
-  config.craft.steps = 10
+  config.craft.num_examples = 20000
+  config.craft.steps = 20
   config.craft.step_size = 2 / 255
   config.craft.batch_size = 500
 
-  config.denoiser.width = 0.25
+  config.denoiser.width = 0.125
   config.denoiser.discriminator_width = 0.25
-  config.denoiser.num_epochs = 3
+  config.denoiser.num_epochs = 10
   config.denoiser.batch_size = 100
-  config.denoiser.lr_decay_epochs = (2,)
+  config.denoiser.schedule = "one_cycle"
+  config.denoiser.warmup_fraction = 0.1
 
-  config.eval.num_examples = 1000
+  config.eval.num_examples = 2000
   config.eval.batch_size = 500
   config.eval.attacks = "none,caf,pgd,cw,ddn,autoattack"
-  config.eval.defenses = "none,cafd,pixel,hgd,bit_depth,median,jpeg"
+  config.eval.defenses = "none,cafd,cafd_caf,hgd,pixel,bit_depth,median,jpeg"
   config.eval.threat_models = "unseen,white_box"
   config.eval.adaptive_defenses = "cafd"
+  config.eval.adaptive_attacks = "pgd"
   config.eval.sweep_eps = (2 / 255, 4 / 255, 16 / 255)
   config.eval.sweep_threat_models = "unseen"
   config.eval.caf.update(dict(steps=20, step_size=2 / 255))
   config.eval.cw.update(dict(steps=20, binary_search_steps=1))
   config.eval.ddn.steps = 20
   config.eval.autoattack.update(dict(version="fast", steps=20, n_target_classes=3))
+  # With --config.eval.transfer_workdirs (configs/cifar10_cpu_transfer.py), that target's attacks.
+  config.eval.transfer_attacks = "none,pgd,autoattack"
   return config

@@ -6,8 +6,8 @@ import pytest
 
 from cafd_jax import config_checks
 
-CONFIG_NAMES = ["quickstart", "tiny", "cifar10_cpu", "cifar10_vgg19", "cifar10_resnet50",
-                "cifar10_wrn28_10", "svhn_vgg19"]
+CONFIG_NAMES = ["quickstart", "tiny", "cifar10_cpu", "cifar10_cpu_transfer", "cifar10_vgg19",
+                "cifar10_resnet50", "cifar10_wrn28_10", "svhn_vgg19"]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -21,11 +21,17 @@ def test_cifar10_cpu_config_covers_what_the_real_run_must_show():
   config = importlib.import_module("configs.cifar10_cpu").get_config()
   kind, path = config.data.source.split(":", 1)
   assert kind == "folder" and (ROOT / path).resolve() == SHARED_CIFAR10.resolve()
-  assert config.eval.num_examples >= 1000
+  assert config.model.name == "airbench93" and config.classifier.whiten_patches
+  assert config.craft.num_examples >= 20000 and config.craft.steps >= 20
+  assert config.denoiser.num_epochs >= 10
+  assert config.eval.num_examples >= 2000
   attacks = config_checks.split_names(config.eval.attacks)
-  assert {"pgd", "cw", "ddn", "autoattack"} <= set(attacks)
+  assert {"pgd", "cw", "ddn", "autoattack", "caf"} <= set(attacks)
+  assert config.eval.pgd.steps == 20 and config.eval.autoattack.version == "fast"
   assert {"unseen", "white_box"} <= set(config_checks.split_names(config.eval.threat_models))
-  assert {"none", "cafd", "pixel", "hgd"} <= set(config_checks.split_names(config.eval.defenses))
+  assert "pgd" in config_checks.split_names(config.eval.adaptive_attacks)
+  assert {"none", "cafd", "cafd_caf", "pixel", "hgd"} <= set(
+      config_checks.split_names(config.eval.defenses))
   assert len(config.eval.sweep_eps) >= 2  # an accuracy-vs-eps curve
   config_checks.validate(config)
 

@@ -91,7 +91,8 @@ def test_bad_config_value_fails_cleanly(tmp_path):
   result = _main(workdir, "--config.model.name=vgg7")
   assert result.returncode == 2
   assert result.stderr.strip() == ("error: config.model.name: unknown 'vgg7'; choose from "
-                                   "vgg_tiny,vgg11,vgg13,vgg16,vgg19,resnet18,resnet34,resnet50,wrn.")
+                                   "vgg_tiny,vgg11,vgg13,vgg16,vgg19,resnet18,resnet34,resnet50,wrn,"
+                                   "airbench93,airbench94.")
   assert not workdir.exists()
 
 
@@ -145,22 +146,27 @@ def test_baselines_transfer_figures_and_report_rebuild(finished_run, tmp_path):
   shutil.copytree(workdir, copy)
   trained = _main(other, "--config.stages=train_classifier", "--config.model.width=0.5")
   assert trained.returncode == 0, trained.stderr[-3000:]
-  defenses = ("none", "cafd", "pixel", "hgd")
+  defenses = ("none", "cafd", "pixel", "hgd", "cafd_caf")
   result = _main(copy, "--config.stages=train_baselines,evaluate",
                  "--config.eval.attacks=none,pgd", f"--config.eval.defenses={','.join(defenses)}",
                  "--config.eval.threat_models=unseen,white_box",
                  "--config.eval.adaptive_defenses=pixel",
-                 f"--config.eval.transfer_workdirs=('{other}',)", "--config.eval.num_examples=20")
+                 f"--config.eval.transfer_workdirs=('{other}',)", "--config.eval.num_examples=20",
+                 "--config.eval.transfer_attacks=none")
   assert result.returncode == 0, result.stderr[-3000:]
-  for name in ("pixel", "hgd"):
+  for name in ("pixel", "hgd", "cafd_caf"):
     assert os.listdir(copy / "checkpoints" / f"denoiser_{name}"), name
     assert f"[train_{name}_denoiser] step" in result.stdout
+  # cafd_caf is CAFD with the CAF loss (tiny's cafd uses plain features): another denoiser.
+  images = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+  assert not np.allclose(api.load(str(copy), "cafd_caf").purify(images),
+                         api.load(str(copy), "cafd").purify(images))
   report = json.loads((copy / "report.json").read_text())
   cells = {(r["model"], r["attack"], r["threat_model"], r["defense"]) for r in report["results"]}
   expected = set()
-  for model in ("vgg_tiny", "vgg_tiny@other"):
-    expected |= {(model, a, "unseen", d) for a in ("none", "pgd") for d in defenses}
-    expected |= {(model, "pgd", "white_box", "pixel")}
+  for model, attacks in (("vgg_tiny", ("none", "pgd")), ("vgg_tiny@other", ("none",))):
+    expected |= {(model, a, "unseen", d) for a in attacks for d in defenses}
+  expected |= {("vgg_tiny", "pgd", "white_box", "pixel")}  # eval.transfer_attacks: none only
   assert cells == expected
   accuracy = {(r["model"], r["attack"], r["defense"]): r["accuracy"] for r in report["results"]}
   assert accuracy[("vgg_tiny@other", "none", "none")] != accuracy[("vgg_tiny", "none", "none")]

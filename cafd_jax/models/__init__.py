@@ -3,6 +3,8 @@
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cafd_jax.models.airbench import (LAYOUTS as AIRBENCH_LAYOUTS, WHITEN_LAYER, AirbenchNet,
+                                      whitening_kernel)
 from cafd_jax.models.common import HEADS, has_gap_dense_head, head_kernel
 from cafd_jax.models.discriminator import Discriminator
 from cafd_jax.models.resnet import DEPTHS as RESNET_DEPTHS, ResNet
@@ -10,7 +12,7 @@ from cafd_jax.models.unet import UNetDenoiser
 from cafd_jax.models.vgg import LAYOUTS as VGG_LAYOUTS, VGG
 from cafd_jax.models.wide_resnet import WideResNet
 
-CLASSIFIERS = tuple(VGG_LAYOUTS) + tuple(RESNET_DEPTHS) + ("wrn",)
+CLASSIFIERS = tuple(VGG_LAYOUTS) + tuple(RESNET_DEPTHS) + ("wrn",) + tuple(AIRBENCH_LAYOUTS)
 
 
 def create_classifier(name: str, *, num_classes: int, width: float = 1.0, mean=None, std=None,
@@ -31,8 +33,11 @@ def create_classifier(name: str, *, num_classes: int, width: float = 1.0, mean=N
     return ResNet(block=block, stage_sizes=stages, **kwargs)
   if name == "wrn":
     return WideResNet(depth=depth, widen_factor=widen_factor, **kwargs)
+  if name in AIRBENCH_LAYOUTS:
+    return AirbenchNet(layout=AIRBENCH_LAYOUTS[name], **kwargs)
   raise ValueError(f"model.name must be one of {CLASSIFIERS}, got {name!r}.")
 
 
-__all__ = ["CLASSIFIERS", "HEADS", "Discriminator", "UNetDenoiser", "create_classifier",
-           "has_gap_dense_head", "head_kernel"]
+__all__ = ["AIRBENCH_LAYOUTS", "CLASSIFIERS", "HEADS", "WHITEN_LAYER", "AirbenchNet",
+           "Discriminator", "UNetDenoiser", "create_classifier", "has_gap_dense_head",
+           "head_kernel", "whitening_kernel"]

@@ -32,6 +32,7 @@ mode (the attacks differentiate through Grad-CAM weights).
 """
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -178,10 +179,11 @@ class Conv3x3(nn.Module):
   strides: int = 1
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     y = conv_general_dilated(x, kernel, (self.strides, self.strides), ((1, 1), (1, 1)),
                              dimension_numbers=_DIMENSIONS)

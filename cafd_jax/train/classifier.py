@@ -1,5 +1,5 @@
 """Target-classifier training: cross-entropy (optionally label-smoothed), SGD or Adam, optional
-crop+flip augmentation."""
+crop+flip augmentation, optional patch-whitening initialisation of the first layer."""
 
 import functools
 
@@ -7,9 +7,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from cafd_jax import augment, losses
+from cafd_jax import augment, losses, models
+from cafd_jax.models import common as model_common
 from cafd_jax.train import common
+
+WHITENING_IMAGES = 5000  # training images whose patch covariance sets the whitening layer
 
 
 def microbatches(array: jnp.ndarray, count: int) -> jnp.ndarray:
@@ -21,12 +25,34 @@ def microbatches(array: jnp.ndarray, count: int) -> jnp.ndarray:
   return jnp.swapaxes(array.reshape(array.shape[0] // count, count, *array.shape[1:]), 0, 1)
 
 
+def with_whitened_patches(state: common.TrainState, images: np.ndarray, mean=None,
+                          std=None) -> common.TrainState:
+  """``state`` with its patch-whitening layer (``models.WHITEN_LAYER``) computed from the first
+  ``WHITENING_IMAGES`` of ``images`` after the classifier's input normalisation (the optimiser
+  keeps it fixed: ``classifier.whiten_patches``). Every process gets process 0's kernel."""
+  if models.WHITEN_LAYER not in state.params:
+    raise ValueError("classifier.whiten_patches needs a classifier with a patch-whitening first "
+                     "layer (model.name=airbench93 or airbench94); set it False for this model.")
+  current = state.params[models.WHITEN_LAYER]
+  mean = model_common.CIFAR10_MEAN if mean is None else mean
+  std = model_common.CIFAR10_STD if std is None else std
+  normalized = (np.asarray(images[:WHITENING_IMAGES], np.float32) - np.asarray(mean, np.float32)
+                ) / np.asarray(std, np.float32)
+  kernel = models.whitening_kernel(normalized, patch_size=current.shape[0])
+  if jax.process_count() > 1:
+    kernel = np.asarray(multihost_utils.broadcast_one_to_all(kernel))
+  params = dict(state.params)
+  params[models.WHITEN_LAYER] = jnp.asarray(kernel, current.dtype)
+  return state.replace(params=params)
+
+
 @functools.partial(jax.jit, static_argnames=("use_augmentation", "accumulation_steps",
-                                             "label_smoothing"),
+                                             "label_smoothing", "crop_padding"),
                    donate_argnums=(0,))
 def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarray,
                key: jax.Array, use_augmentation: bool, accumulation_steps: int = 1,
-               label_smoothing: float = 0.0) -> tuple[common.TrainState, dict]:
+               label_smoothing: float = 0.0,
+               crop_padding: int = 4) -> tuple[common.TrainState, dict]:
   """One optimiser step on a batch; BatchNorm in training mode.
 
   With ``accumulation_steps`` k > 1 the batch is processed as k microbatches in sequence
@@ -35,7 +61,7 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
   """
   chex.assert_rank(images, 4)
   if use_augmentation:
-    images = augment.random_crop_flip(key, images)
+    images = augment.random_crop_flip(key, images, crop_padding)
 
   def loss_fn(params, batch_stats, images, labels):
     logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats},
@@ -66,13 +92,13 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
 
 
 def make_step_fn(use_augmentation: bool, accumulation_steps: int = 1,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, crop_padding: int = 4):
   """``train_step`` in the (state, batch, key, frozen) form of ``loop.fit``."""
   def step_fn(state, batch, key, frozen=None):
     del frozen  # the classifier step reads nothing besides its own state
     images, labels = batch
     return train_step(state, jnp.asarray(images), jnp.asarray(labels), key, use_augmentation,
-                      accumulation_steps, float(label_smoothing))
+                      accumulation_steps, float(label_smoothing), int(crop_padding))
   return step_fn
 
 

@@ -45,9 +45,8 @@ def schedule(train, steps_per_epoch: int) -> optax.Schedule:
                             train.lr_decay_factor)
 
 
-def make_optimizer(name: str, schedule: optax.Schedule, *, weight_decay: float,
-                   momentum: float = 0.9, nesterov: bool = False) -> optax.GradientTransformation:
-  """SGD with momentum or Adam, each with coupled L2 weight decay (as torch.optim does)."""
+def _sgd_or_adam(name: str, schedule: optax.Schedule, weight_decay: float, momentum: float,
+                 nesterov: bool) -> optax.GradientTransformation:
   if name == "sgd":
     base = optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
   elif name == "adam":
@@ -55,6 +54,37 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, weight_decay: float,
   else:
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}.")
   return optax.chain(optax.add_decayed_weights(weight_decay), base)
+
+
+def param_group(path: tuple[str, ...], frozen: Sequence[str]) -> str:
+  """``frozen`` (its "/"-joined path is in ``frozen``), ``norm_bias`` (the bias of a module
+  whose name holds "norm", as BatchNorm's) or ``default``."""
+  if "/".join(path) in frozen:
+    return "frozen"
+  if path[-1] == "bias" and len(path) > 1 and "norm" in path[-2].lower():
+    return "norm_bias"
+  return "default"
+
+
+def make_optimizer(name: str, schedule: optax.Schedule, *, weight_decay: float,
+                   momentum: float = 0.9, nesterov: bool = False, frozen: Sequence[str] = (),
+                   norm_bias_lr_scale: float = 1.0) -> optax.GradientTransformation:
+  """SGD with momentum or Adam, each with coupled L2 weight decay (as torch.optim does).
+
+  Parameters whose path is in ``frozen`` never change. Normalisation biases take
+  ``norm_bias_lr_scale`` times the learning rate with the weight decay divided by it, so that
+  their decay per step is unchanged (airbench's "bias scaler")."""
+  default = _sgd_or_adam(name, schedule, weight_decay, momentum, nesterov)
+  if not frozen and norm_bias_lr_scale == 1.0:
+    return default
+  scaled_schedule = lambda step: norm_bias_lr_scale * schedule(step)
+  groups = {"default": default, "frozen": optax.set_to_zero(),
+            "norm_bias": _sgd_or_adam(name, scaled_schedule, weight_decay / norm_bias_lr_scale,
+                                      momentum, nesterov)}
+  label = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: param_group(tuple(str(getattr(key, "key", key)) for key in path), frozen),
+      params)
+  return optax.multi_transform(groups, label)
 
 
 def create_state(module, key: jax.Array, sample: jnp.ndarray, tx: optax.GradientTransformation,

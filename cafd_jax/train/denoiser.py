@@ -5,6 +5,8 @@
 * ``pixel``: mean squared error to the natural image (a plain denoising auto-encoder target).
 * ``hgd``: high-level representation guided denoiser (Liao et al. 2018, LGD variant): mean
   absolute difference between the classifier's logits on the denoised and the natural image.
+* ``cafd_caf``: CAFD with the paper's loss, the CAF (``weighted_features``) distance, whatever
+  ``caf.loss_kind`` the ``cafd`` denoiser uses (the reference code's is plain ``features``).
 
 The target classifier is frozen (BatchNorm in inference mode) throughout.
 """
@@ -89,6 +91,8 @@ def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
 
 
 BASELINES = ("pixel", "hgd")
+CAF_LOSS_DENOISER = "cafd_caf"  # CAFD trained with the paper's CAF loss
+CAF_LOSS_KIND = "weighted_features"
 
 
 def baseline_loss(classifier: nn.Module, classifier_variables: dict, name: str,

@@ -1,0 +1,126 @@
+"""The airbench-style fast target: patch whitening, its training tricks, and CAM/Grad-CAM/CAF."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cafd_jax import attacks, config_checks, models
+from cafd_jax.models import taps
+from cafd_jax.train import classifier as classifier_train
+from cafd_jax.train import common
+from cafd_jax.train import denoiser as denoiser_train
+from configs import tiny
+
+
+def _blobs(num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Two classes told apart by a colour shift and a bright corner, with pixel noise."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 2, num)
+  images = rng.uniform(0.2, 0.6, (num, 32, 32, 3)).astype(np.float32)
+  images[labels == 1, :, :, 0] += 0.3
+  images[labels == 1, :8, :8, :] = 0.95
+  return np.clip(images, 0, 1), labels.astype(np.int32)
+
+
+def _state(name: str = "airbench93", width: float = 0.25, whiten: bool = True,
+           norm_bias_lr_scale: float = 64.0, learning_rate: float = 0.2):
+  model = models.create_classifier(name, num_classes=2, width=width)
+  tx = common.make_optimizer("sgd", optax.constant_schedule(learning_rate), weight_decay=5e-4,
+                             momentum=0.85, nesterov=True,
+                             frozen=(models.WHITEN_LAYER,) if whiten else (),
+                             norm_bias_lr_scale=norm_bias_lr_scale)
+  return common.create_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), tx)
+
+
+def test_whitening_kernel_decorrelates_patches():
+  rng = np.random.default_rng(1)
+  smooth = rng.normal(size=(64, 33, 33, 3))
+  images = (smooth[:, 1:, 1:] + smooth[:, :-1, :-1] + 0.5 * smooth[:, 1:, :-1]).astype(np.float32)
+  kernel = models.whitening_kernel(images, patch_size=2)
+  assert kernel.shape == (2, 2, 3, 24)
+  np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])
+  outputs = jax.lax.conv_general_dilated(jnp.asarray(images), jnp.asarray(kernel[..., :12]),
+                                         (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  flat = np.asarray(outputs, np.float64).reshape(-1, 12)
+  # Correlated inputs come out uncorrelated, with unit variance (eps=5e-4 shrinks it a little).
+  np.testing.assert_allclose(flat.T @ flat / len(flat), np.eye(12), atol=2e-2)
+
+
+def test_whitened_layer_stays_fixed_and_the_rest_trains():
+  images, labels = _blobs(64)
+  state = classifier_train.with_whitened_patches(_state(), images)
+  expected = models.whitening_kernel(
+      (images - np.array(models.common.CIFAR10_MEAN, np.float32))
+      / np.array(models.common.CIFAR10_STD, np.float32))
+  np.testing.assert_allclose(state.params[models.WHITEN_LAYER], expected, rtol=1e-6)
+  before = jax.tree.map(np.array, state.params)
+  losses = []
+  for step in range(12):
+    state, metrics = classifier_train.train_step(
+        state, jnp.asarray(images), jnp.asarray(labels), jax.random.key(step), True, 1, 0.2, 2)
+    losses.append(float(metrics["loss"]))
+  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses  # the loss falls
+  np.testing.assert_array_equal(state.params[models.WHITEN_LAYER], before[models.WHITEN_LAYER])
+  for name in ("block0_conv0", "whiten_bias", "head"):
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b),
+                                           state.params[name], before[name]))
+    assert any(changed), name
+
+
+def test_norm_biases_take_the_scaled_learning_rate():
+  images, labels = _blobs(32)
+  moves = {}
+  for scale in (1.0, 64.0):
+    state = _state(whiten=False, norm_bias_lr_scale=scale, learning_rate=1e-3)
+    before = np.array(state.params["block0_norm0"]["bias"])
+    conv_before = np.array(state.params["block0_conv0"]["kernel"])
+    state, _ = classifier_train.train_step(state, jnp.asarray(images), jnp.asarray(labels),
+                                           jax.random.key(0), False)
+    moves[scale] = (np.abs(state.params["block0_norm0"]["bias"] - before).max(),
+                    np.abs(state.params["block0_conv0"]["kernel"] - conv_before).max())
+  np.testing.assert_allclose(moves[64.0][0], 64 * moves[1.0][0], rtol=1e-3)
+  np.testing.assert_allclose(moves[64.0][1], moves[1.0][1], rtol=1e-5)
+
+
+def test_dirac_initialisation_starts_as_identity():
+  kernel = models.airbench.dirac_uniform(jax.random.key(0), (3, 3, 4, 6))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 5, 4))
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(y[..., :4], x, atol=1e-6)
+  rest = np.asarray(kernel[..., 4:])
+  assert 0 < np.abs(rest).max() <= 1 / np.sqrt(3 * 3 * 4)  # PyTorch's default bound
+
+
+@pytest.mark.parametrize("weights, layer", [
+    ("cam", taps.DEFAULT_LAYER), ("gradcam", taps.DEFAULT_LAYER),
+    ("gradcampp", taps.DEFAULT_LAYER), ("gradcam", "block1_conv1:input")])  # the 8x8 map
+def test_cam_gradcam_and_the_caf_attack_accept_it(weights, layer):
+  images, labels = _blobs(4, seed=3)
+  model = models.create_classifier("airbench93", num_classes=2, width=0.25)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  _, features = taps.apply_tapped(model, variables, jnp.asarray(images), taps.DEFAULT_LAYER)
+  assert features.shape == (4, 4, 4, 32)  # the last block's map: 4x4, CAM's input
+  caf_fn = denoiser_train.classifier_caf_fn(model, variables, "weighted_features", "label",
+                                            weights, layer)
+  attack = jax.jit(lambda x, y, key: attacks.caf_attack(caf_fn, x, y, key, eps=8 / 255,
+                                                        step_size=2 / 255, steps=3))
+  x, y = jnp.asarray(images), jnp.asarray(labels)
+  x_adv = attack(x, y, jax.random.key(0))
+  assert 0 < float(jnp.max(jnp.abs(x_adv - x))) <= 8 / 255 + 1e-6
+  assert float(jnp.mean((caf_fn(x_adv, y) - caf_fn(x, y)) ** 2)) > 0
+
+
+def test_whitening_is_refused_for_other_models():
+  config = tiny.get_config()
+  config.classifier.whiten_patches = True
+  with pytest.raises(config_checks.ConfigError, match="whiten_patches"):
+    config_checks.validate(config)
+  model = models.create_classifier("vgg_tiny", num_classes=2, width=0.25)
+  state = common.create_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                              optax.sgd(0.1))
+  with pytest.raises(ValueError, match="patch-whitening"):
+    classifier_train.with_whitened_patches(state, np.zeros((4, 32, 32, 3), np.float32))
