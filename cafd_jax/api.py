@@ -5,18 +5,64 @@
     logits = defended.classify(images)          # classifier alone, pixels in [0, 1], NHWC
     clean = defended.purify(images)             # CAFD denoiser
     logits = defended.classify(defended.purify(images))
+
+Inputs are float pixels in [0, 1], NHWC, of the image size the run was trained on. Concrete
+arrays are checked (rank, layout, size, dtype, finite, range) and a bad one raises ValueError
+saying what was found; under ``jax.jit`` / ``jax.grad`` only the shape is checked, so attacks
+can trace through. A batch of 0 images gives an empty result.
 """
 
 import dataclasses
 import json
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from cafd_jax import checkpoint, config_checks, evaluate, factory, pipeline
+
+
+def check_images(images: Any, image_size: int) -> jnp.ndarray:
+  """``images`` as a float array [N, image_size, image_size, 3] in [0, 1], or ValueError."""
+  if not hasattr(images, "shape"):
+    images = np.asarray(images)
+  shape = tuple(images.shape)
+  expected = f"[N, {image_size}, {image_size}, 3] (NHWC)"
+  if len(shape) != 4:
+    raise ValueError(f"images must be a batch {expected}, got shape {shape}; add a batch axis "
+                     f"with images[None] for one image.")
+  if shape[1:] != (image_size, image_size, 3):
+    hint = ("; this looks like NCHW: pass images.transpose(0, 2, 3, 1)"
+            if shape[1] == 3 and shape[2:] == (image_size, image_size) else "")
+    raise ValueError(f"images must be {expected}, got shape {shape}{hint}.")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images must be floating-point pixels in [0, 1], got dtype {images.dtype}"
+                     f"{'; divide uint8 images by 255' if images.dtype == np.uint8 else ''}.")
+  if isinstance(images, jax.core.Tracer) or shape[0] == 0:
+    return images
+  values = np.asarray(images)
+  if not np.all(np.isfinite(values)):
+    raise ValueError(f"images hold {int(np.sum(~np.isfinite(values)))} non-finite values "
+                     f"(NaN or inf); pixels must be finite, in [0, 1].")
+  low, high = float(values.min()), float(values.max())
+  if low < 0.0 or high > 1.0:
+    raise ValueError(f"images must be pixels in [0, 1], found values in [{low:g}, {high:g}]; "
+                     f"divide 0-255 images by 255.")
+  return images
+
+
+def _checked(function: Callable, image_size: int, empty: Callable[[int], tuple]) -> Callable:
+  """``function(images)`` after ``check_images``; an empty batch gives zeros of shape
+  ``empty(0)`` without running the model."""
+  def call(images):
+    images = check_images(images, image_size)
+    if images.shape[0] == 0:
+      return jnp.zeros(empty(0), jnp.float32)
+    return function(images)
+  return call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +94,14 @@ def load(workdir: str, denoiser: str = "cafd") -> Defended:
   class_names = _class_names(workdir)
   num_classes = len(class_names)
   classifier = factory.classifier(config, num_classes)
+  size = config.data.image_size
   classify = evaluate.bind(jax.jit(classifier.apply),
                            pipeline.restore_classifier(config, workdir, num_classes))
   purify = evaluate.bind(jax.jit(factory.denoiser(config).apply),
                          pipeline.restore_denoiser(config, workdir, denoiser))
-  return Defended(classify=classify, purify=purify, config=config,
-                  class_names=class_names)
+  return Defended(classify=_checked(classify, size, lambda n: (n, num_classes)),
+                  purify=_checked(purify, size, lambda n: (n, size, size, 3)),
+                  config=config, class_names=class_names)
 
 
 def _class_names(workdir: str) -> tuple[str, ...]:

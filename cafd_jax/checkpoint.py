@@ -1,9 +1,16 @@
-"""Orbax checkpoint helpers: one manager per stage, save, restore the latest."""
+"""Orbax checkpoint helpers: one manager per stage, save, restore the newest intact one."""
 
+import logging
 import os
+import sys
+import warnings
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from cafd_jax import io_utils
 
 
 class CheckpointError(RuntimeError):
@@ -13,31 +20,101 @@ class CheckpointError(RuntimeError):
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """A CheckpointManager for one stage's directory (created on first save)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Saves ``state`` at ``step`` and waits, so a kill right after leaves a complete one."""
-  checkpoints.save(step, args=ocp.args.StandardSave(state))
-  checkpoints.wait_until_finished()
-
-
-def restore_latest(checkpoints: ocp.CheckpointManager, template: Any) -> tuple[int, Any] | None:
-  """(step, state) of the latest checkpoint, shaped like ``template``; None if none."""
-  step = checkpoints.latest_step()
-  if step is None:
-    return None
+  """Saves ``state`` at ``step`` and waits, so a kill right after leaves a complete one. A
+  failed write (full disk, read-only folder) raises WriteError; earlier checkpoints stay."""
   try:
-    state = checkpoints.restore(step, args=ocp.args.StandardRestore(template))
-  except Exception as error:  # Orbax raises many types for damaged files.
+    checkpoints.save(step, args=ocp.args.StandardSave(state))
+    checkpoints.wait_until_finished()
+  except Exception as error:  # pylint: disable=broad-except  # Orbax raises many types.
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    raise io_utils.WriteError(
+        f"cannot write checkpoint {checkpoints.directory}/{step} ({reason}); the checkpoints "
+        f"written before are intact") from None
+
+
+def _drop_closed_loop_errors() -> None:
+  """A failed restore (a damaged checkpoint) leaves reads in flight. As each ends after Orbax's
+  event loop has closed, it raises "Event loop is closed" where nothing can catch it (printed
+  as an unraisable exception's traceback), and leaves a future that asyncio logs as "exception
+  was never retrieved". Neither says anything to the user, who gets one warning line instead:
+  this drops the first (and only that exception) from now on; a failed restore silences
+  asyncio's logger for the second."""
+  if getattr(sys.unraisablehook, "drops_closed_loop", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+  return sorted(tuple(getattr(leaf, "shape", np.shape(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+def _check_structure(checkpoints: ocp.CheckpointManager, step: int, template: Any) -> None:
+  """Raises CheckpointError if checkpoint ``step`` holds arrays of other shapes than
+  ``template`` (written by another model or config); lets damaged metadata pass to the
+  restore, which then fails as damaged."""
+  try:
+    with warnings.catch_warnings():  # Orbax's deprecation notes about its own metadata
+      warnings.simplefilter("ignore")
+      metadata = checkpoints.item_metadata(step)
+    stored = _shapes(getattr(metadata, "tree", metadata))
+  except Exception:  # pylint: disable=broad-except
+    return
+  expected = _shapes(template)
+  if stored and stored != expected:
     raise CheckpointError(
-        f"Checkpoint {checkpoints.directory}/{step} is unreadable ({type(error).__name__}); "
-        f"delete that folder to fall back to an earlier one or to retrain.") from None
-  return step, state
+        f"Checkpoint {checkpoints.directory}/{step} does not fit the model this config builds "
+        f"(its arrays have other shapes): it was written with another config; rerun with that "
+        f"config or use another --workdir.")
+
+
+def restore_latest(checkpoints: ocp.CheckpointManager, template: Any,
+                   move_damaged: bool = False) -> tuple[int, Any] | None:
+  """(step, state) of the newest intact checkpoint, shaped like ``template``; None if there is
+  none. A damaged newer one is skipped with one warning line and never deleted: with
+  ``move_damaged`` (the stage that writes here) it is moved to ``DIR.damaged-STEP`` so that
+  training can write that step again. Raises CheckpointError if every one is damaged."""
+  directory = os.fspath(checkpoints.directory)
+  damaged = []
+  _drop_closed_loop_errors()
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    _check_structure(checkpoints, step, template)
+    try:
+      state = checkpoints.restore(step, args=ocp.args.StandardRestore(template))
+    except Exception as error:  # pylint: disable=broad-except  # Orbax raises many types.
+      logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # see _drop_closed_loop_errors
+      damaged.append(f"{step} ({type(error).__name__})")
+      where = ""
+      if move_damaged:
+        moved = f"{os.path.normpath(directory)}.damaged-{step}"
+        os.rename(os.path.join(directory, str(step)), moved)
+        checkpoints.reload()
+        where = f"; moved to {moved}"
+      print(f"[checkpoint] warning: {directory}/{step} is unreadable "
+            f"({type(error).__name__}); skipped{where}, nothing deleted", flush=True)
+      continue
+    return step, state
+  if damaged:
+    raise CheckpointError(
+        f"Every checkpoint in {directory} is unreadable (steps {', '.join(damaged)}); move "
+        f"{directory} aside to retrain that stage, or use another --workdir.")
+  return None
 
 
 def require_latest(directory: str, template: Any, what: str) -> Any:
-  """The latest state in ``directory``; a clear error if there is none."""
+  """The newest intact state in ``directory``; a clear error if there is none."""
   restored = None
   if os.path.isdir(directory):
     checkpoints = manager(directory)

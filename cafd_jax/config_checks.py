@@ -60,6 +60,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.model.name in models.CLASSIFIERS,
            f"config.model.name: unknown {config.model.name!r}; choose from {','.join(models.CLASSIFIERS)}.")
   _positive("config.model.width", config.model.width)
+  _positive("config.model.logit_scale", config.model.get("logit_scale", 1.0))
   _require(len(config.model.mean) == 3 and len(config.model.std) == 3
            and all(s > 0 for s in config.model.std),
            "config.model.mean and .std need three values each, std > 0.")

@@ -237,13 +237,27 @@ def _decode_image(encoded: Path | IO[bytes], image_size: int, what: str, fix: st
         width, height = image.size
         raise DataError(f"{what} is {width}x{height}, expected {image_size}x{image_size}; "
                         f"resize the data set or pass a matching image_size")
-      return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+      return _rgb_uint8(image)
   except DataError:
     raise
   except Image.UnidentifiedImageError as error:  # its message holds a BytesIO's repr
     raise DataError(f"cannot read {what} (not an image format PIL knows); {fix}") from error
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
     raise DataError(f"cannot read {what} ({_one_line(error)}); {fix}") from error
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _rgb_uint8(image: Any) -> np.ndarray:
+  """A PIL image as uint8 RGB: 16-bit greyscale keeps its top 8 bits (value / 257); greyscale,
+  palette, CMYK and the like convert as PIL does; an alpha channel is dropped (not composited)."""
+  if image.mode == "RGB":
+    return np.asarray(image, dtype=np.uint8)
+  if image.mode in _SIXTEEN_BIT_MODES:
+    grey = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257.0), 0, 255)
+    return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+  return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def _read_image(path: Path, image_size: int) -> np.ndarray:

@@ -14,6 +14,8 @@ The undefended classifier is the same model under every threat model, so it is a
 """
 
 import functools
+import hashlib
+import json
 from typing import Any, Callable, Sequence
 
 import jax
@@ -172,7 +174,9 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
              attack_names: Sequence[str], threat_models: Sequence[str], key: jax.Array,
              log: Callable[[str], None] = print, model_label: str | None = None,
              mesh: Mesh | None = None, budget: budgets.Budget | None = None,
-             on_run: Callable[[list[dict]], None] | None = None) -> list[dict]:
+             on_run: Callable[[list[dict]], None] | None = None,
+             finished_runs: dict[str, list[dict]] | None = None,
+             identity: dict | None = None) -> list[dict]:
   """One row per (attack, eps, threat model, defense) with its accuracy.
 
   Batches are split over ``mesh`` (default: this process's devices, ``parallel.local_mesh``);
@@ -189,6 +193,10 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
   the adaptive threat models attack only ``config.eval.adaptive_attacks`` (empty: all) through
   ``config.eval.adaptive_defenses``. With a ``budget``, no run starts once it is spent (after
   the first), and the rows done are returned. ``on_run(rows so far)`` is called after each run.
+
+  ``finished_runs`` (id -> rows) holds runs done before: a run whose id (``run_id``: the run,
+  ``identity`` and the model's name) is there is not attacked again, its rows are reused; each
+  run done now is added to it, before ``on_run``.
   """
   mesh = mesh or parallel.local_mesh()
   variables = parallel.replicate(variables, mesh)
@@ -196,24 +204,36 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
   predictors = defense_predictors(classifier, preprocess)
   model_name = model_label or config.model.name
   plan = attack_runs(config, defense_names, attack_names, threat_models)
-  results = []
+  results, attacked = [], 0
   for done, (run_index, name, params, threat, defense) in enumerate(plan):
-    if done and budget is not None and budget.spent():
+    eps = attack_budget(name, params)
+    judged = predictors if defense is None else {defense: predictors[defense]}
+    this_run = run_id(identity or {}, model_name, run_index, name, params, threat, defense,
+                      list(judged), len(dataset))
+    if finished_runs is not None and this_run in finished_runs:
+      results += finished_runs[this_run]
+      if parallel.is_primary():
+        log(f"[evaluate] {threat:>9}  attack {name:>10}  kept from an earlier run "
+            f"({len(finished_runs[this_run])} rows)")
+      if on_run is not None:
+        on_run(results)
+      continue
+    if attacked and budget is not None and budget.spent():
       budget.cut(model=model_name, run=f"{done}/{len(plan)}",
                  next=f"{name} {threat} {defense or 'all'}")
       if parallel.is_primary():
         log(f"[evaluate] time budget of {budget.max_seconds:g}s spent: {done} of {len(plan)} "
             f"attack runs done for {model_name}")
       break
-    eps = attack_budget(name, params)
+    attacked += 1
     attack = build_attack(name, config, classifier, threat, defense or "none",
                           preprocess.get(defense), params, mesh)
-    judged = predictors if defense is None else {defense: predictors[defense]}
     run_key = jax.random.fold_in(key, run_index)
     if threat != "unseen":  # unseen keeps the keys of earlier, unseen-only reports
       run_key = jax.random.fold_in(run_key, THREAT_MODELS.index(threat))
     accuracies = _accuracies(attack, judged, dataset, variables, config.eval.batch_size,
                              run_key, mesh)
+    first_row = len(results)
     for defense_name, accuracy in accuracies.items():
       row = {"attack": name, "defense": defense_name, "threat_model": threat,
              "model": model_name, "eps": eps, "accuracy": accuracy, "n": len(dataset)}
@@ -224,9 +244,22 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
       if parallel.is_primary():
         log(f"[evaluate] {threat:>9}  attack {name:>10}{eps_text}  defense {defense_name:>9}"
             f"  accuracy {accuracy:.4f}  (n={len(dataset)})")
+    if finished_runs is not None:
+      finished_runs[this_run] = results[first_row:]
     if on_run is not None:
       on_run(results)
   return results
+
+
+def run_id(identity: dict, model_name: str, run_index: int, name: str, params: dict,
+           threat: str, defense: str | None, judged: Sequence[str], num_examples: int) -> str:
+  """A digest of everything an attack run's rows depend on: ``identity`` (the config parts and
+  checkpoints behind them, ``pipeline``'s choice), the model, the run's place in the grid (its
+  PRNG key), the attack and its parameters, the threat model, the defenses judged and the set
+  size."""
+  described = json.dumps([identity, model_name, run_index, name, params, threat, defense,
+                          list(judged), num_examples], sort_keys=True, default=repr)
+  return hashlib.sha256(described.encode("utf-8")).hexdigest()[:20]
 
 
 def attack_runs(config: ml_collections.ConfigDict, defense_names: Sequence[str],

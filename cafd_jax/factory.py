@@ -21,7 +21,8 @@ def classifier(config: ml_collections.ConfigDict, num_classes: int,
   return models.create_classifier(model.name, num_classes=num_classes, width=model.width,
                                   mean=model.mean, std=model.std, depth=model.depth,
                                   widen_factor=model.widen_factor,
-                                  head=model.head, dtype=dtype)
+                                  head=model.head, logit_scale=model.get("logit_scale", 1.0),
+                                  dtype=dtype)
 
 
 def denoiser(config: ml_collections.ConfigDict,

@@ -14,19 +14,29 @@ def _umask() -> int:
   return mask
 
 
+class WriteError(OSError):
+  """A file could not be written; what was there before is intact. Names the file."""
+
+
 def write_atomically(path: str, write) -> None:
-  """Calls ``write(binary file)`` on a temporary file, then renames it to ``path``."""
+  """Calls ``write(binary file)`` on a temporary file, then renames it to ``path``; a failure
+  (e.g. a full disk) leaves ``path`` as it was and raises WriteError naming it."""
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  temporary = None
   try:
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-",
+                                         suffix=os.path.basename(path))
     with os.fdopen(handle, "wb") as file:
       write(file)
     os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give a plain file's mode
     os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
+  except BaseException as error:
+    if temporary is not None and os.path.exists(temporary):
       os.remove(temporary)
+    if isinstance(error, OSError) and not isinstance(error, WriteError):
+      raise WriteError(f"cannot write {path} ({error.strerror or error}); the files written "
+                       f"before are intact") from None
     raise
 
 

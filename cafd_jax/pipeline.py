@@ -31,6 +31,7 @@ import numpy as np
 from cafd_jax import budget as budgets
 from cafd_jax import (checkpoint, config_checks, data, evaluate, factory, figures, io_utils,
                       parallel, report)
+from cafd_jax import workdir as workdir_guard
 from cafd_jax.models import taps
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import common
@@ -41,6 +42,11 @@ CLASSIFIER_DIR = "checkpoints/classifier"
 DENOISER_DIR = "checkpoints/denoiser"
 CRAFT_DIR = "craft"
 CLASSES_FILE = "classes.json"
+EVAL_RUNS_FILE = "eval_runs.json"  # rows of each finished attack run, by evaluate.run_id
+# Fields of config.eval that choose which runs the grid holds, not what a run computes.
+_GRID_FIELDS = ("attacks", "defenses", "threat_models", "adaptive_defenses", "adaptive_attacks",
+                "sweep_attack", "sweep_eps", "sweep_threat_models", "figure_attack",
+                "transfer_workdirs", "transfer_attacks")
 
 
 # Each stage's PRNG stream; append new stages so that earlier runs keep their keys.
@@ -54,6 +60,11 @@ def _stage_key(config: ml_collections.ConfigDict, stage: str) -> jax.Array:
 
 def baseline_dir(name: str) -> str:
   return f"{DENOISER_DIR}_{name}"
+
+
+def denoiser_dir(name: str) -> str:
+  """Where denoiser ``name`` (cafd, cafd_caf or a baseline) keeps its checkpoints."""
+  return DENOISER_DIR if name == "cafd" else baseline_dir(name)
 
 
 def baselines_to_train(config: ml_collections.ConfigDict) -> list[str]:
@@ -107,16 +118,13 @@ def restore_classifier(config: ml_collections.ConfigDict, workdir: str, num_clas
 def restore_denoiser(config: ml_collections.ConfigDict, workdir: str, name: str = "cafd") -> dict:
   """Inference variables of a trained denoiser (cafd, cafd_caf or a baseline), from its
   checkpoint alone."""
+  directory = os.path.join(workdir, denoiser_dir(name))
+  what = "denoiser" if name == "cafd" else f"{name} denoiser"
   if _is_cafd_pair(name):
     template = factory.denoiser_states(config, jax.random.key(0), 1)
-    directory = DENOISER_DIR if name == "cafd" else baseline_dir(name)
-    states = checkpoint.require_latest(os.path.join(workdir, directory), template,
-                                       "denoiser" if name == "cafd" else f"{name} denoiser")
-    return common.variables_of(states[0])
+    return common.variables_of(checkpoint.require_latest(directory, template, what)[0])
   template = factory.baseline_denoiser_state(config, jax.random.key(0), 1)
-  state = checkpoint.require_latest(os.path.join(workdir, baseline_dir(name)), template,
-                                    f"{name} denoiser")
-  return common.variables_of(state)
+  return common.variables_of(checkpoint.require_latest(directory, template, what))
 
 
 def classifier_step(config: ml_collections.ConfigDict, workdir: str) -> int | None:
@@ -448,12 +456,36 @@ def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
   return targets
 
 
+def read_finished_runs(workdir: str) -> dict[str, list[dict]]:
+  """The rows of the attack runs an earlier evaluation of ``workdir`` finished (by run id)."""
+  path = os.path.join(workdir, EVAL_RUNS_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as file:
+    return json.load(file)
+
+
+def _run_identity(target: ml_collections.ConfigDict, target_dir: str,
+                  denoiser_steps: dict) -> dict:
+  """What an attack run's rows depend on besides the run itself: the config's meaningful parts,
+  the evaluation settings other than the grid's choice of runs, and the checkpoints."""
+  values = target.to_dict()
+  return {"config": {group: values.get(group) for group in workdir_guard.MEANINGFUL},
+          "eval": {name: value for name, value in values["eval"].items()
+                   if name not in _GRID_FIELDS},
+          "classifier_step": classifier_step(target, target_dir),
+          "denoiser_steps": denoiser_steps}
+
+
 def run_evaluation(config, workdir, test_set: data.Dataset,
                    budget: budgets.Budget | None = None,
                    on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
   """The evaluation grid for this run's classifier and every transfer target; also writes the
   arrays of the CAM picture. With a ``budget``, no attack run (nor the picture) starts once it
-  is spent; the rows done are returned. ``on_rows(all rows so far)`` after each attack run."""
+  is spent; the rows done are returned. ``on_rows(all rows so far)`` after each attack run.
+  Each finished run's rows are kept in ``DIR/eval_runs.json`` at once; a rerun reuses those
+  of every run whose settings and checkpoints match (``evaluate.run_id``), so a killed or
+  budget-cut evaluation continues where it stopped."""
   defense_names = config_checks.split_names(config.eval.defenses)
   own_classifier = restore_classifier(config, workdir, test_set.num_classes)  # the first stage
   denoisers, denoiser_variables = {}, {}
@@ -464,6 +496,16 @@ def run_evaluation(config, workdir, test_set: data.Dataset,
   key = _stage_key(config, "evaluate")
   results = []
   spent = lambda: budget is not None and budget.spent()
+  finished_runs = read_finished_runs(workdir)
+  denoiser_steps = {name: checkpoint.latest_step(os.path.join(workdir, denoiser_dir(name)))
+                    for name in denoisers}
+
+  def after_run(rows: list[dict]) -> None:
+    if parallel.is_primary():
+      io_utils.write_json(os.path.join(workdir, EVAL_RUNS_FILE), finished_runs)
+    if on_rows is not None:
+      on_rows(rows)
+
   for index, (target, target_dir) in enumerate([(config, workdir)] + _transfer_targets(config)):
     label = None
     if index:
@@ -482,7 +524,8 @@ def run_evaluation(config, workdir, test_set: data.Dataset,
         config_checks.split_names(target.eval.attacks),
         config_checks.split_names(config.eval.threat_models),
         jax.random.fold_in(key, index) if index else key, model_label=label, budget=budget,
-        on_run=None if on_rows is None else lambda rows: on_rows(earlier + rows))
+        on_run=lambda rows: after_run(earlier + rows), finished_runs=finished_runs,
+        identity=_run_identity(target, target_dir, denoiser_steps))
     if index == 0 and spent():
       budget.cut(figure="cam_grid")
       print("[evaluate] time budget spent: the CAM picture is not drawn", flush=True)
@@ -498,18 +541,32 @@ def run_evaluation(config, workdir, test_set: data.Dataset,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Runs the stages named in ``config.stages`` in pipeline order."""
+  """Runs the stages named in ``config.stages`` in pipeline order, as the workdir's only
+  writer (``workdir_guard.Lock``) and only if its stored output means what ``config`` says
+  (``workdir_guard.check_config``)."""
   config_checks.validate(config)
   try:
     parallel.initialize(config)
   except ValueError as error:
     raise config_checks.ConfigError(str(error)) from error
+  lock = workdir_guard.Lock(workdir)
+  try:
+    if parallel.is_primary() and os.path.isdir(workdir):
+      lock.acquire()  # at once, before data loading; a new workdir is made (and locked) later
+    _run_stages(config, workdir, lock)
+  finally:
+    lock.release()
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: str,
+                lock: workdir_guard.Lock) -> None:
   stages = config_checks.split_names(config.stages)
   if stages == ["report"]:  # nothing to load or recompute
     report.render(workdir)
     print(f"[pipeline] report and figures rebuilt from {os.path.join(workdir, report.REPORT_JSON)}",
           flush=True)
     return
+  workdir_guard.check_config(workdir, config.to_dict())
   started = time.perf_counter()
   train_set = test_set = None
   if {"train_classifier", "craft", "train_denoiser", "train_baselines"} & set(stages):
@@ -519,8 +576,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   mesh = parallel.make_mesh()
   primary = parallel.is_primary()
   if primary:
-    os.makedirs(workdir, exist_ok=True)
-    io_utils.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    lock.acquire()
+    io_utils.write_json(os.path.join(workdir, workdir_guard.CONFIG_FILE), config.to_dict())
     class_names = (train_set or test_set).class_names
     io_utils.write_json(os.path.join(workdir, CLASSES_FILE), list(class_names))
     print(f"[pipeline] stages {','.join(stages)}  devices {jax.devices()}  "

@@ -17,13 +17,15 @@ CLASSIFIERS = tuple(VGG_LAYOUTS) + tuple(RESNET_DEPTHS) + ("wrn",) + tuple(AIRBE
 
 def create_classifier(name: str, *, num_classes: int, width: float = 1.0, mean=None, std=None,
                       depth: int = 28, widen_factor: int = 10, head: str = "gap_dense",
-                      dtype: jnp.dtype = jnp.float32) -> nn.Module:
+                      logit_scale: float = 1.0, dtype: jnp.dtype = jnp.float32) -> nn.Module:
   """Builds a classifier from the zoo by name (see ``CLASSIFIERS``). ``dtype`` is the compute
   dtype (parameters stay float32; the logits are float32). ``head``: ``gap_dense`` (CAM's GAP +
-  dense) or ``flatten_mlp`` (flatten + two dense layers; needs Grad-CAM weights)."""
+  dense) or ``flatten_mlp`` (flatten + two dense layers; needs Grad-CAM weights);
+  ``logit_scale`` multiplies the logits."""
   if head not in HEADS:
     raise ValueError(f"model.head must be one of {HEADS}, got {head!r}.")
-  kwargs = dict(num_classes=num_classes, width=width, head=head, dtype=dtype)
+  kwargs = dict(num_classes=num_classes, width=width, head=head, logit_scale=logit_scale,
+                dtype=dtype)
   if mean is not None:
     kwargs.update(mean=tuple(mean), std=tuple(std))
   if name in VGG_LAYOUTS:

@@ -68,6 +68,7 @@ class AirbenchNet(nn.Module):
   std: Sequence[float] = common.CIFAR10_STD
   dtype: jnp.dtype = jnp.float32
   head: str = "gap_dense"  # see common.HEADS
+  logit_scale: float = 1.0  # fixed factor on the logits
   patch_size: int = 2
 
   def _norm(self, h, train: bool, name: str):
@@ -95,7 +96,7 @@ class AirbenchNet(nn.Module):
       h = self._conv(channels_out, f"block{index}_conv1")(h)
       h = self._norm(h, train, f"block{index}_norm1")
     features = h.astype(jnp.float32)
-    logits = common.make_head(self.head, self.num_classes)(features)
+    logits = common.make_head(self.head, self.num_classes, self.logit_scale)(features)
     return (logits, features) if return_features else logits
 
   def _conv(self, channels_out: int, name: str) -> nn.Module:

@@ -25,32 +25,36 @@ class GapDenseHead(nn.Module):
   """Global average pooling followed by one dense layer: the head CAM needs."""
 
   num_classes: int
+  logit_scale: float = 1.0
 
   @nn.compact
   def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
     pooled = jnp.mean(features, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="dense", dtype=jnp.float32)(pooled)
+    return nn.Dense(self.num_classes, name="dense", dtype=jnp.float32)(pooled) * self.logit_scale
 
 
 class FlattenMlpHead(nn.Module):
   """Flatten, dense + ReLU, dense: a head CAM cannot explain (Grad-CAM can)."""
 
   num_classes: int
+  logit_scale: float = 1.0
   hidden: int = 256
 
   @nn.compact
   def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
     flat = features.reshape(features.shape[0], -1)
     hidden = nn.relu(nn.Dense(self.hidden, name="hidden", dtype=jnp.float32)(flat))
-    return nn.Dense(self.num_classes, name="output", dtype=jnp.float32)(hidden)
+    return nn.Dense(self.num_classes, name="output", dtype=jnp.float32)(hidden) * self.logit_scale
 
 
-def make_head(name: str, num_classes: int) -> nn.Module:
-  """The classifier head by name (see ``HEADS``), always called ``HEAD_NAME``."""
+def make_head(name: str, num_classes: int, logit_scale: float = 1.0) -> nn.Module:
+  """The classifier head by name (see ``HEADS``), always called ``HEAD_NAME``. ``logit_scale``:
+  a fixed factor on the logits (airbench's 1/9 slows the head's learning; CAM is unchanged up
+  to that factor)."""
   if name == "gap_dense":
-    return GapDenseHead(num_classes, name=HEAD_NAME)
+    return GapDenseHead(num_classes, logit_scale, name=HEAD_NAME)
   if name == "flatten_mlp":
-    return FlattenMlpHead(num_classes, name=HEAD_NAME)
+    return FlattenMlpHead(num_classes, logit_scale, name=HEAD_NAME)
   raise ValueError(f"model.head must be one of {HEADS}, got {name!r}.")
 
 

@@ -65,6 +65,7 @@ class ResNet(nn.Module):
   std: Sequence[float] = common.CIFAR10_STD
   dtype: jnp.dtype = jnp.float32
   head: str = "gap_dense"  # see common.HEADS
+  logit_scale: float = 1.0  # fixed factor on the logits
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -78,5 +79,5 @@ class ResNet(nn.Module):
         strides = 2 if stage > 0 and index == 0 else 1
         h = block_cls(channels, strides, dtype=self.dtype)(h, train)
     features = h.astype(jnp.float32)
-    logits = common.make_head(self.head, self.num_classes)(features)
+    logits = common.make_head(self.head, self.num_classes, self.logit_scale)(features)
     return (logits, features) if return_features else logits

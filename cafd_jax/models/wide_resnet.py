@@ -38,6 +38,7 @@ class WideResNet(nn.Module):
   std: Sequence[float] = common.CIFAR10_STD
   dtype: jnp.dtype = jnp.float32
   head: str = "gap_dense"  # see common.HEADS
+  logit_scale: float = 1.0  # fixed factor on the logits
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -53,5 +54,5 @@ class WideResNet(nn.Module):
         h = WideBlock(channels, strides, dtype=self.dtype)(h, train)
     h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h))
     features = h.astype(jnp.float32)
-    logits = common.make_head(self.head, self.num_classes)(features)
+    logits = common.make_head(self.head, self.num_classes, self.logit_scale)(features)
     return (logits, features) if return_features else logits

@@ -11,6 +11,7 @@ replicated or FSDP-split, ``frozen`` replicated, state buffers donated.
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -18,6 +19,23 @@ from cafd_jax import budget as budgets
 from cafd_jax import checkpoint, metrics, parallel
 
 StepFn = Callable[[Any, tuple, jax.Array, Any], tuple[Any, dict]]
+
+
+class NonFiniteError(RuntimeError):
+  """A train step produced a non-finite loss or state; the message says which and where."""
+
+
+def non_finite_metrics(metrics: dict) -> list[str]:
+  """Names of the step metrics (losses, accuracies) that are NaN or infinite."""
+  values = jax.device_get(metrics)
+  return [name for name, value in values.items() if not np.all(np.isfinite(value))]
+
+
+@jax.jit
+def _all_finite(state: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(state)
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -57,6 +75,10 @@ def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray]
   all processes together) is saved after every epoch, numbered by the steps done; a rerun
   restores the latest and continues with identical data order and keys, on any number of
   devices, from the middle of an epoch too.
+
+  A non-finite metric (checked one step late, so that steps stay queued on the device) or a
+  non-finite state about to be saved stops the stage with ``NonFiniteError``; the bad state is
+  never saved and earlier checkpoints stay.
 
   With a ``budget``, training stops at the first step boundary past it, writes a checkpoint
   there and records the cut (``Budget.cut``); the same call with more time continues from it.
@@ -102,7 +124,7 @@ def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray]
   total_steps = num_epochs * steps_per_epoch
   checkpoints = checkpoint.manager(checkpoint_dir, max_to_keep)
   try:
-    restored = checkpoint.restore_latest(checkpoints, state)
+    restored = checkpoint.restore_latest(checkpoints, state, move_damaged=True)
     start_step = 0
     if restored is not None:
       start_step, state = restored
@@ -110,17 +132,36 @@ def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray]
       print(f"[{stage}] resuming after {_position(start_step, steps_per_epoch, num_epochs)}",
             flush=True)
     logger = metrics.ProgressLogger(stage, total_steps, workdir, batch_size, log_every_steps)
+    saved = [start_step if restored is not None else None]
+    unchecked = None  # (step number, metrics) of the step before the one just dispatched
+
+    def check(step_number: int, step_metrics: dict) -> None:
+      bad = non_finite_metrics(step_metrics)
+      if bad:
+        _stop_non_finite(stage, step_number, f"non-finite {', '.join(bad)}", saved[0])
+
+    def save(step_number: int) -> None:
+      check(step_number, step_metrics)
+      if not bool(_all_finite(state)):
+        _stop_non_finite(stage, step_number, "non-finite parameters or optimiser state (a "
+                         "non-finite gradient)", saved[0])
+      checkpoint.save(checkpoints, step_number, state)
+      saved[0] = step_number
+
     try:
       for epoch, index, batch in parallel.prefetch(batches(start_step), prefetch_batches):
         step = epoch * steps_per_epoch + index
         state, step_metrics = compiled(state, batch, step_key(step), frozen)
+        if unchecked is not None:
+          check(*unchecked)
+        unchecked = (step + 1, step_metrics)
         logger.step(step + 1, step_metrics)
         epoch_done = index == steps_per_epoch - 1
         if epoch_done:
-          checkpoint.save(checkpoints, step + 1, state)
+          save(step + 1)
         if step + 1 < total_steps and budget is not None and budget.spent():
           if not epoch_done:
-            checkpoint.save(checkpoints, step + 1, state)
+            save(step + 1)
           budget.cut(stage=stage, epoch=f"{epoch + 1}/{num_epochs}",
                      step=f"{step + 1}/{total_steps}")
           print(f"[{stage}] time budget of {budget.max_seconds:g}s spent: stopped after "
@@ -132,6 +173,13 @@ def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray]
   finally:
     checkpoints.close()
   return state
+
+
+def _stop_non_finite(stage: str, step: int, what: str, last_saved: int | None) -> None:
+  kept = (f"the last checkpoint (step {last_saved}) is kept" if last_saved is not None
+          else "no checkpoint was written")
+  raise NonFiniteError(f"{stage} stopped at step {step}: {what}; this state is not saved and "
+                       f"{kept}. Lower the learning rate or check the data, then rerun.")
 
 
 def _steps_done(number: int, state: Any, steps_per_epoch: int) -> int:

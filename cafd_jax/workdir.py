@@ -1,0 +1,109 @@
+"""One run's claim on its workdir: a single writer, and a config that keeps its meaning.
+
+``config.json`` in a workdir is the config its checkpoints and crafted set were made with. A
+rerun may change what only steers the run (stages, evaluation grid, logging, budgets, devices);
+a change to what the stored output means (``MEANINGFUL``) stops the run before anything is
+written.
+"""
+
+import fcntl
+import json
+import os
+from typing import Any
+
+CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
+# Config fields (top level or whole groups) whose change would make stored output mean
+# something else: the model, the data, the seed, how the classifier and denoisers train,
+# the CAF and the crafted set, and where upstream output comes from.
+MEANINGFUL = ("seed", "compute_dtype", "upstream_workdir", "model", "data", "classifier", "caf",
+              "craft", "denoiser")
+
+
+class WorkdirError(RuntimeError):
+  """The workdir is in use or holds output of another config; the message says what to do."""
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+  if isinstance(value, dict):
+    flat = {}
+    for key, item in value.items():
+      flat.update(_flatten(item, f"{prefix}.{key}"))
+    return flat
+  return {prefix: json.loads(json.dumps(value))}  # tuples and lists compare alike
+
+
+def drift(stored: dict, config: dict) -> list[str]:
+  """The meaningful fields whose values differ, as 'field: stored -> new'. Fields one side
+  lacks (added to the code since) do not count."""
+  changes = []
+  for group in MEANINGFUL:
+    if group not in stored or group not in config:
+      continue
+    old, new = _flatten(stored[group], group), _flatten(config[group], group)
+    for field in sorted(old.keys() & new.keys()):
+      if old[field] != new[field]:
+        changes.append(f"{field}: {old[field]!r} -> {new[field]!r}")
+  return changes
+
+
+def check_config(workdir: str, config: dict) -> None:
+  """Raises WorkdirError if ``workdir`` holds output of a config that differs from ``config``
+  in a meaningful field; reads only."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as file:
+      stored = json.load(file)
+  except (OSError, ValueError) as error:
+    raise WorkdirError(f"{path} is unreadable ({type(error).__name__}); restore it or use "
+                       f"another --workdir.") from None
+  changes = drift(stored, config)
+  if changes:
+    raise WorkdirError(
+        f"{workdir} holds output of another config ({'; '.join(changes)}); use another "
+        f"--workdir, or rerun with {path}'s values.")
+
+
+class Lock:
+  """An exclusive lock on ``workdir`` (``flock`` on ``DIR/.lock``, holding the PID) for this
+  process's lifetime: the kernel releases it when the process ends, however it ends, so a
+  killed run's lock never blocks the next."""
+
+  def __init__(self, workdir: str):
+    self.workdir, self._file = workdir, None
+
+  @property
+  def held(self) -> bool:
+    return self._file is not None
+
+  def acquire(self) -> None:
+    """Takes the lock (creating the workdir); WorkdirError naming the holder if it is taken."""
+    if self.held:
+      return
+    path = os.path.join(self.workdir, LOCK_FILE)
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      file = open(path, "a+")  # pylint: disable=consider-using-with  # held until release
+    except OSError as error:
+      raise WorkdirError(f"cannot write {path} ({error.strerror or error}); make "
+                         f"{self.workdir} writable or use another --workdir.") from None
+    try:
+      fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      file.seek(0)
+      holder = file.read().strip() or "unknown"
+      file.close()
+      raise WorkdirError(f"{self.workdir} is in use by process {holder} (another main.py run); "
+                         f"wait for it to finish or use another --workdir.") from None
+    file.seek(0)
+    file.truncate()
+    file.write(f"{os.getpid()}\n")
+    file.flush()
+    self._file = file
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.close()  # closing releases the flock
+      self._file = None
