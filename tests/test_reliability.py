@@ -378,7 +378,8 @@ def test_a_normal_run_writes_nothing_to_stderr_but_warnings(finished_run):
 
 def test_ctrl_c_ends_with_one_line_and_exit_code_130(tmp_path):
   command = [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir",
-             str(tmp_path / "work"), "--config.stages=train_classifier"]
+             str(tmp_path / "work"), "--config.stages=train_classifier",
+             "--config.classifier.num_epochs=500"]  # still running when the signal comes
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
   for line in process.stdout:
