@@ -84,14 +84,8 @@ def load(workdir: str, denoiser: str = "cafd") -> Defended:
   ``hgd``)."""
   if denoiser not in evaluate.DENOISERS:
     raise ValueError(f"denoiser must be one of {evaluate.DENOISERS}, got {denoiser!r}.")
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise checkpoint.CheckpointError(f"No config.json in {workdir}; point api.load at the "
-                                     f"--workdir of a main.py run.")
-  with open(config_path) as file:
-    config = ml_collections.ConfigDict(json.load(file))
-  config_checks.validate(config)
-  class_names = _class_names(workdir)
+  config = read_config(workdir)
+  class_names = class_names_of(workdir)
   num_classes = len(class_names)
   classifier = factory.classifier(config, num_classes)
   size = config.data.image_size
@@ -104,7 +98,19 @@ def load(workdir: str, denoiser: str = "cafd") -> Defended:
                   config=config, class_names=class_names)
 
 
-def _class_names(workdir: str) -> tuple[str, ...]:
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The validated config a main.py run recorded in ``workdir``."""
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise checkpoint.CheckpointError(f"No config.json in {workdir}; point api.load at the "
+                                     f"--workdir of a main.py run.")
+  with open(config_path) as file:
+    config = ml_collections.ConfigDict(json.load(file))
+  config_checks.validate(config)
+  return config
+
+
+def class_names_of(workdir: str) -> tuple[str, ...]:
   """Class names in label order, as the pipeline recorded them."""
   path = os.path.join(workdir, pipeline.CLASSES_FILE)
   if not os.path.exists(path):

@@ -57,8 +57,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("data.num_train", "data.num_test", "craft.num_examples", "eval.num_examples"):
     section, name = field.split(".")
     _non_negative(f"config.{field}", config[section][name])
-  _require(config.model.name in models.CLASSIFIERS,
-           f"config.model.name: unknown {config.model.name!r}; choose from {','.join(models.CLASSIFIERS)}.")
+  _require(config.model.name in models.CLASSIFIERS or config.model.name.startswith("import:"),
+           f"config.model.name: unknown {config.model.name!r}; choose from "
+           f"{','.join(models.CLASSIFIERS)} or import:package.module:factory.")
   _positive("config.model.width", config.model.width)
   _positive("config.model.logit_scale", config.model.get("logit_scale", 1.0))
   _require(len(config.model.mean) == 3 and len(config.model.std) == 3
@@ -66,6 +67,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "config.model.mean and .std need three values each, std > 0.")
   for section in ("classifier", "denoiser"):
     for name in ("learning_rate", "num_epochs", "batch_size"):
+      if section == "classifier" and name == "num_epochs" and config.classifier.get("init_from"):
+        _non_negative("config.classifier.num_epochs", config.classifier.num_epochs)  # 0: as is
+        continue
       _positive(f"config.{section}.{name}", config[section][name])
     _non_negative(f"config.{section}.weight_decay", config[section].weight_decay)
   _require(config.classifier.optimizer in ("sgd", "adam"),
@@ -84,7 +88,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     taps.parse_layer(config.caf.feature_layer)
   except ValueError as error:
     raise ConfigError(f"config.{error}") from None
-  if config.caf.weights == "cam":
+  if config.caf.weights == "cam" and not config.model.name.startswith("import:"):
     _require(config.model.head == "gap_dense" and config.caf.feature_layer == taps.DEFAULT_LAYER,
              "config.caf.weights=cam needs model.head=gap_dense and caf.feature_layer="
              f"{taps.DEFAULT_LAYER}; use caf.weights=gradcam or gradcampp otherwise.")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from cafd_jax import models
+from cafd_jax import imported, models
 from cafd_jax.train import common
 
 
@@ -17,7 +17,10 @@ def training_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
 
 def classifier(config: ml_collections.ConfigDict, num_classes: int,
                dtype: jnp.dtype = jnp.float32) -> nn.Module:
+  """The zoo classifier of ``config.model``, or the user's (``import:...``, its own dtype)."""
   model = config.model
+  if imported.is_imported(model.name):
+    return imported.build(model.name, num_classes)
   return models.create_classifier(model.name, num_classes=num_classes, width=model.width,
                                   mean=model.mean, std=model.std, depth=model.depth,
                                   widen_factor=model.widen_factor,
@@ -34,7 +37,8 @@ def discriminator(config: ml_collections.ConfigDict) -> models.Discriminator:
   return models.Discriminator(base_channels=32, width=config.denoiser.discriminator_width)
 
 
-def _sample(config: ml_collections.ConfigDict) -> jnp.ndarray:
+def sample_images(config: ml_collections.ConfigDict) -> jnp.ndarray:
+  """One blank image batch of the config's size: what models are initialised on."""
   size = config.data.image_size
   return jnp.zeros((1, size, size, 3), jnp.float32)
 
@@ -49,7 +53,7 @@ def classifier_state(config: ml_collections.ConfigDict, num_classes: int, key: j
                              momentum=train.momentum, nesterov=train.nesterov,
                              frozen=(models.WHITEN_LAYER,) if train.get("whiten_patches") else (),
                              norm_bias_lr_scale=train.get("norm_bias_lr_scale", 1.0))
-  return common.create_state(classifier(config, num_classes, dtype), key, _sample(config), tx)
+  return common.create_state(classifier(config, num_classes, dtype), key, sample_images(config), tx)
 
 
 def _denoiser_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -62,7 +66,7 @@ def baseline_denoiser_state(config: ml_collections.ConfigDict, key: jax.Array,
                             steps_per_epoch: int, dtype: jnp.dtype = jnp.float32
                             ) -> common.TrainState:
   """Fresh TrainState of a baseline denoiser: CAFD's U-Net, optimiser and schedule."""
-  return common.create_state(denoiser(config, dtype), key, _sample(config),
+  return common.create_state(denoiser(config, dtype), key, sample_images(config),
                              _denoiser_optimizer(config, steps_per_epoch))
 
 
@@ -72,5 +76,5 @@ def denoiser_states(config: ml_collections.ConfigDict, key: jax.Array, steps_per
   """Fresh (denoiser, discriminator) TrainStates, both Adam with the denoiser's schedule."""
   denoiser_key, disc_key = jax.random.split(key)
   make_tx = lambda: _denoiser_optimizer(config, steps_per_epoch)
-  return (common.create_state(denoiser(config, dtype), denoiser_key, _sample(config), make_tx()),
-          common.create_state(discriminator(config), disc_key, _sample(config), make_tx()))
+  return (common.create_state(denoiser(config, dtype), denoiser_key, sample_images(config), make_tx()),
+          common.create_state(discriminator(config), disc_key, sample_images(config), make_tx()))

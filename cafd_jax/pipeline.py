@@ -29,8 +29,8 @@ import ml_collections
 import numpy as np
 
 from cafd_jax import budget as budgets
-from cafd_jax import (checkpoint, config_checks, data, evaluate, factory, figures, io_utils,
-                      parallel, report)
+from cafd_jax import (checkpoint, config_checks, data, evaluate, factory, figures, imported,
+                      io_utils, parallel, report)
 from cafd_jax import workdir as workdir_guard
 from cafd_jax.models import taps
 from cafd_jax.train import classifier as classifier_train
@@ -192,12 +192,26 @@ def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Da
   if train.get("whiten_patches"):
     state = classifier_train.with_whitened_patches(state, train_set.images, config.model.mean,
                                                    config.model.std)
-  state = loop.fit(stage="train_classifier", state=state,
-                   step_fn=classifier_step_fn(config),
-                   arrays=(train_set.images, train_set.labels), batch_size=train.batch_size,
-                   num_epochs=train.num_epochs, key=_stage_key(config, "train_classifier"),
-                   checkpoint_dir=os.path.join(workdir, CLASSIFIER_DIR), workdir=workdir,
-                   budget=budget, **_fit_options(config, mesh, train_set))
+  checkpoint_dir = os.path.join(workdir, CLASSIFIER_DIR)
+  if train.get("init_from"):
+    state = imported.with_variables(state, imported.read_variables(train.init_from),
+                                    train.init_from)
+    if train.num_epochs == 0:  # the imported classifier as it is: checkpoint 0 for the stages
+      if checkpoint.latest_step(checkpoint_dir) is None:
+        checkpoints = checkpoint.manager(checkpoint_dir)
+        try:
+          checkpoint.save(checkpoints, 0, state)
+        finally:
+          checkpoints.close()
+      print(f"[train_classifier] using {train.init_from} as it is (classifier.num_epochs=0)",
+            flush=True)
+  if train.num_epochs:
+    state = loop.fit(stage="train_classifier", state=state,
+                     step_fn=classifier_step_fn(config),
+                     arrays=(train_set.images, train_set.labels), batch_size=train.batch_size,
+                     num_epochs=train.num_epochs, key=_stage_key(config, "train_classifier"),
+                     checkpoint_dir=checkpoint_dir, workdir=workdir,
+                     budget=budget, **_fit_options(config, mesh, train_set))
   classifier = factory.classifier(config, train_set.num_classes)  # float32, as evaluation
   classify = evaluate.bind(jax.jit(classifier.apply),
                            parallel.to_host(common.variables_of(state)))
@@ -573,6 +587,10 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str,
     train_set = load_data(config, "train", config.data.num_train, train_shard(config))
   if {"train_classifier", "evaluate"} & set(stages):
     test_set = load_data(config, "test", config.data.num_test)
+  if imported.is_imported(config.model.name):
+    model = factory.classifier(config, (train_set or test_set).num_classes)
+    imported.check_caf_layer(config, model, jax.eval_shape(
+        model.init, jax.random.key(0), factory.sample_images(config)))
   mesh = parallel.make_mesh()
   primary = parallel.is_primary()
   if primary:

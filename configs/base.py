@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.classifier.norm_bias_lr_scale = 1.0
   # >1: the batch runs as this many sequential microbatches, one update (fits small devices).
   config.classifier.accumulation_steps = 1
+  # Trained variables to start from (an Orbax checkpoint folder or a Flax msgpack file), e.g.
+  # for model.name=import:package.module:factory; with num_epochs=0 they are used as they are.
+  config.classifier.init_from = ""
 
   config.caf = ml_collections.ConfigDict()
   config.caf.attack_kind = "weighted_features"  # weighted_features | cam | features

@@ -92,7 +92,7 @@ def test_bad_config_value_fails_cleanly(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip() == ("error: config.model.name: unknown 'vgg7'; choose from "
                                    "vgg_tiny,vgg11,vgg13,vgg16,vgg19,resnet18,resnet34,resnet50,wrn,"
-                                   "airbench93,airbench94.")
+                                   "airbench93,airbench94 or import:package.module:factory.")
   assert not workdir.exists()
 
 

@@ -41,8 +41,8 @@ def module_paths(model: nn.Module, variables: dict, images: jnp.ndarray) -> list
         paths.append(path)
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: model.apply(variables, x), images)
+  with nn.intercept_methods(record):  # variables may be arrays or jax.ShapeDtypeStructs
+    jax.eval_shape(model.apply, variables, images)
   return paths
 
 
