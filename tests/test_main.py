@@ -91,7 +91,8 @@ def test_bad_config_value_fails_cleanly(tmp_path):
   result = _main(workdir, "--config.model.name=vgg7")
   assert result.returncode == 2
   assert result.stderr.strip() == ("error: config.model.name: unknown 'vgg7'; choose from "
-                                   "vgg_tiny,vgg11,vgg13,vgg16,vgg19,resnet18,resnet34,resnet50,wrn,"
+                                   "vgg_tiny,vgg11,vgg13,vgg16,vgg19,vgg11_ref,vgg13_ref,vgg16_ref,vgg19_ref,"
+                                   "resnet18,resnet34,resnet50,wrn,"
                                    "airbench93,airbench94 or import:package.module:factory.")
   assert not workdir.exists()
 

@@ -18,6 +18,11 @@ LAYOUTS: dict[str, tuple[Union[int, str], ...]] = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512,
               "M", 512, 512, 512, 512),
 }
+# The classic layouts with their trailing pool (a 1x1 map before the head), as the CAFD
+# reference's VGG has them: what ``python -m cafd_jax.convert --layout cafd_vgg`` builds. Their
+# CAM is of a single position; use Grad-CAM on the last convolution's output instead.
+LAYOUTS.update({f"{name}_ref": layout + ("M",) for name, layout in list(LAYOUTS.items())
+                if name != "vgg_tiny"})
 
 
 class VGG(nn.Module):
