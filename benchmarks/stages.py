@@ -170,7 +170,7 @@ def measure(config: ml_collections.ConfigDict, num_train: int, num_test: int, nu
     state = factory.classifier_state(config, num_classes, jax.random.key(0), steps_per_epoch,
                                      dtype)
     add(_train_step_time("train_classifier", "classifier step",
-                         pipeline.classifier_step_fn(config),
+                         pipeline.classifier_step_fn(config, steps_per_epoch),
                          state, _random_batch(train.batch_size, size, num_classes, 0), None,
                          train.num_epochs * steps_per_epoch, mesh, config, repeats))
   bound = parallel.replicate(variables, local)

@@ -6,6 +6,7 @@ import ml_collections
 from flax import linen as nn
 
 from cafd_jax import imported, models
+from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import common
 
 
@@ -53,7 +54,11 @@ def classifier_state(config: ml_collections.ConfigDict, num_classes: int, key: j
                              momentum=train.momentum, nesterov=train.nesterov,
                              frozen=(models.WHITEN_LAYER,) if train.get("whiten_patches") else (),
                              norm_bias_lr_scale=train.get("norm_bias_lr_scale", 1.0))
-  return common.create_state(classifier(config, num_classes, dtype), key, sample_images(config), tx)
+  state = common.create_state(classifier(config, num_classes, dtype), key, sample_images(config),
+                              tx)
+  if train.get("lookahead"):
+    state = classifier_train.with_slow_copy(state)
+  return state
 
 
 def _denoiser_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):

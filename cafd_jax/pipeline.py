@@ -175,20 +175,24 @@ def _fit_options(config: ml_collections.ConfigDict, mesh, train_set: data.Datase
               global_size=None if train_set.shard == (0, 1) else train_set.num_global)
 
 
-def classifier_step_fn(config: ml_collections.ConfigDict) -> Callable:
+def classifier_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int = 1) -> Callable:
   """The classifier train step of ``config.classifier`` in ``loop.fit``'s form."""
   train = config.classifier
+  lookahead_steps = None
+  if train.get("lookahead"):
+    lookahead_steps = (train.get("lookahead_start_epoch", 3) * steps_per_epoch,
+                       train.num_epochs * steps_per_epoch)
   return classifier_train.make_step_fn(train.augment, train.accumulation_steps,
                                        train.get("label_smoothing", 0.0),
-                                       train.get("crop_padding", 4))
+                                       train.get("crop_padding", 4), lookahead_steps)
 
 
 def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset,
                      mesh, budget: budgets.Budget | None = None) -> None:
   train = config.classifier
+  steps_per_epoch = _steps_per_epoch(train_set.num_global, train.batch_size)
   state = factory.classifier_state(config, train_set.num_classes, _stage_key(config, "train_classifier"),
-                                   _steps_per_epoch(train_set.num_global, train.batch_size),
-                                   factory.training_dtype(config))
+                                   steps_per_epoch, factory.training_dtype(config))
   if train.get("whiten_patches"):
     state = classifier_train.with_whitened_patches(state, train_set.images, config.model.mean,
                                                    config.model.std)
@@ -207,7 +211,7 @@ def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Da
             flush=True)
   if train.num_epochs:
     state = loop.fit(stage="train_classifier", state=state,
-                     step_fn=classifier_step_fn(config),
+                     step_fn=classifier_step_fn(config, steps_per_epoch),
                      arrays=(train_set.images, train_set.labels), batch_size=train.batch_size,
                      num_epochs=train.num_epochs, key=_stage_key(config, "train_classifier"),
                      checkpoint_dir=checkpoint_dir, workdir=workdir,

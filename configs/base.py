@@ -83,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Trained variables to start from (an Orbax checkpoint folder or a Flax msgpack file), e.g.
   # for model.name=import:package.module:factory; with num_epochs=0 they are used as they are.
   config.classifier.init_from = ""
+  # airbench's lookahead: every 5 steps from this epoch on, the weights move to a slow average
+  # (cafd_jax/train/classifier.py: lookahead).
+  config.classifier.lookahead = False
+  config.classifier.lookahead_start_epoch = 3
 
   config.caf = ml_collections.ConfigDict()
   config.caf.attack_kind = "weighted_features"  # weighted_features | cam | features

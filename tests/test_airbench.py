@@ -124,3 +124,31 @@ def test_whitening_is_refused_for_other_models():
                               optax.sgd(0.1))
   with pytest.raises(ValueError, match="patch-whitening"):
     classifier_train.with_whitened_patches(state, np.zeros((4, 32, 32, 3), np.float32))
+
+
+def test_lookahead_follows_then_averages_and_copies_back():
+  from cafd_jax.train import classifier as classifier_train  # pylint: disable=g-import-not-at-top
+  from cafd_jax.train import common  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  params = {"w": jnp.zeros(3)}
+  state = common.TrainState.create(apply_fn=None, params=params, tx=optax.sgd(1.0),
+                                   batch_stats={"m": jnp.zeros(2)})
+  state = classifier_train.with_slow_copy(state)
+
+  def step(state, value):  # a "training step" that moves the fast weights to ``value``
+    state = state.replace(step=state.step + 1, params={"w": jnp.full(3, value)},
+                          batch_stats={"m": jnp.full(2, value)})
+    return classifier_train.lookahead(state, start_step=10, total_steps=20)
+
+  for value in range(1, 6):  # step 5: a sync before the start: the slow copy follows
+    state = step(state, float(value))
+  np.testing.assert_array_equal(state.slow["params"]["w"], 5.0)
+  np.testing.assert_array_equal(state.params["w"], 5.0)
+  for value in range(6, 16):  # step 10 follows; step 15 averages: rho = 0.95^5 (15/20)^3
+    state = step(state, float(value))
+  rho = 0.95**5 * (15 / 20) ** 3
+  expected = rho * 10.0 + (1 - rho) * 15.0
+  np.testing.assert_allclose(state.params["w"], expected, rtol=1e-6)  # copied back
+  np.testing.assert_allclose(state.slow["batch_stats"]["m"], expected, rtol=1e-6)
+  state = step(state, 100.0)  # step 16: no sync
+  np.testing.assert_array_equal(state.params["w"], 100.0)

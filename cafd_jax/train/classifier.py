@@ -43,17 +43,50 @@ def with_whitened_patches(state: common.TrainState, images: np.ndarray, mean=Non
     kernel = np.asarray(multihost_utils.broadcast_one_to_all(kernel))
   params = dict(state.params)
   params[models.WHITEN_LAYER] = jnp.asarray(kernel, current.dtype)
-  return state.replace(params=params)
+  state = state.replace(params=params)
+  return with_slow_copy(state) if state.slow is not None else state
+
+
+LOOKAHEAD_EVERY = 5  # steps between lookahead syncs (airbench's)
+
+
+def with_slow_copy(state: common.TrainState) -> common.TrainState:
+  """``state`` holding a slow copy of its weights (new buffers: the step donates both), for
+  ``lookahead``."""
+  return state.replace(slow=jax.tree.map(jnp.copy, {"params": state.params,
+                                                    "batch_stats": state.batch_stats}))
+
+
+def lookahead(state: common.TrainState, start_step: int, total_steps: int,
+              every: int = LOOKAHEAD_EVERY) -> common.TrainState:
+  """airbench's lookahead: every ``every`` steps the slow weights (BatchNorm statistics too)
+  move to ``rho * slow + (1 - rho) * fast`` with ``rho = 0.95**every * (step / total)**3`` (fast
+  early, averaging hard at the end) and the fast weights are set to them; at the syncs up to the
+  first one from ``start_step`` on, the slow weights only take the fast ones. The last step
+  syncs too."""
+  step = state.step
+  sync = (step % every == 0) | (step == total_steps)
+  started = step >= start_step + every  # the sync before this one was from start_step on
+  fast = {"params": state.params, "batch_stats": state.batch_stats}
+  rho = 0.95**every * (step / total_steps) ** 3
+  blended = jax.tree.map(lambda s, f: jnp.where(started, rho * s + (1 - rho) * f, f),
+                         state.slow, fast)
+  slow = jax.tree.map(lambda b, s: jnp.where(sync, b, s), blended, state.slow)
+  fast = jax.tree.map(lambda b, f: jnp.where(sync & started, b, f), blended, fast)
+  return state.replace(params=fast["params"], batch_stats=fast["batch_stats"], slow=slow)
 
 
 @functools.partial(jax.jit, static_argnames=("use_augmentation", "accumulation_steps",
-                                             "label_smoothing", "crop_padding"),
+                                             "label_smoothing", "crop_padding",
+                                             "lookahead_steps"),
                    donate_argnums=(0,))
 def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarray,
                key: jax.Array, use_augmentation: bool, accumulation_steps: int = 1,
-               label_smoothing: float = 0.0,
-               crop_padding: int = 4) -> tuple[common.TrainState, dict]:
-  """One optimiser step on a batch; BatchNorm in training mode.
+               label_smoothing: float = 0.0, crop_padding: int = 4,
+               lookahead_steps: tuple[int, int] | None = None
+               ) -> tuple[common.TrainState, dict]:
+  """One optimiser step on a batch; BatchNorm in training mode. With ``lookahead_steps``
+  (start step, total steps) and a ``state.slow`` copy, then a ``lookahead`` sync.
 
   With ``accumulation_steps`` k > 1 the batch is processed as k microbatches in sequence
   (activations of one microbatch in memory at a time) and their mean gradient makes one update:
@@ -88,17 +121,21 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
     grads = jax.tree.map(lambda g: g / accumulation_steps, grads)
     loss, accuracy = jnp.mean(loss), jnp.mean(accuracy)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if lookahead_steps is not None:
+    state = lookahead(state, *lookahead_steps)
   return state, {"loss": loss, "accuracy": accuracy}
 
 
 def make_step_fn(use_augmentation: bool, accumulation_steps: int = 1,
-                 label_smoothing: float = 0.0, crop_padding: int = 4):
+                 label_smoothing: float = 0.0, crop_padding: int = 4,
+                 lookahead_steps: tuple[int, int] | None = None):
   """``train_step`` in the (state, batch, key, frozen) form of ``loop.fit``."""
   def step_fn(state, batch, key, frozen=None):
     del frozen  # the classifier step reads nothing besides its own state
     images, labels = batch
     return train_step(state, jnp.asarray(images), jnp.asarray(labels), key, use_augmentation,
-                      accumulation_steps, float(label_smoothing), int(crop_padding))
+                      accumulation_steps, float(label_smoothing), int(crop_padding),
+                      lookahead_steps)
   return step_fn
 
 

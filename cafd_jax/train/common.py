@@ -12,6 +12,8 @@ class TrainState(train_state.TrainState):
   """Flax TrainState plus BatchNorm statistics (an empty dict for models without them)."""
 
   batch_stats: Any = None
+  # Lookahead's slow copy of {"params", "batch_stats"} (classifier.lookahead), else None.
+  slow: Any = None
 
 
 def piecewise_schedule(base_lr: float, steps_per_epoch: int, decay_epochs: Sequence[int],
