@@ -37,13 +37,22 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state: Any) -> None:
         f"written before are intact") from None
 
 
+class _NeverRetrievedFilter(logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" records (a failed restore's reads)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in str(record.msg)
+
+
 def _drop_closed_loop_errors() -> None:
   """A failed restore (a damaged checkpoint) leaves reads in flight. As each ends after Orbax's
   event loop has closed, it raises "Event loop is closed" where nothing can catch it (printed
   as an unraisable exception's traceback), and leaves a future that asyncio logs as "exception
   was never retrieved". Neither says anything to the user, who gets one warning line instead:
-  this drops the first (and only that exception) from now on; a failed restore silences
-  asyncio's logger for the second."""
+  from now on this drops exactly those two kinds of message."""
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _NeverRetrievedFilter) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_NeverRetrievedFilter())
   if getattr(sys.unraisablehook, "drops_closed_loop", False):
     return
   previous = sys.unraisablehook
@@ -94,7 +103,6 @@ def restore_latest(checkpoints: ocp.CheckpointManager, template: Any,
     try:
       state = checkpoints.restore(step, args=ocp.args.StandardRestore(template))
     except Exception as error:  # pylint: disable=broad-except  # Orbax raises many types.
-      logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # see _drop_closed_loop_errors
       damaged.append(f"{step} ({type(error).__name__})")
       where = ""
       if move_damaged:

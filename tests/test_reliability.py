@@ -380,8 +380,14 @@ def test_ctrl_c_ends_with_one_line_and_exit_code_130(tmp_path):
   command = [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir",
              str(tmp_path / "work"), "--config.stages=train_classifier",
              "--config.classifier.num_epochs=500"]  # still running when the signal comes
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+  # A shell's background job (CI's, for one) starts with SIGINT ignored, and a child inherits
+  # that; a handler (here Python's own) is reset to the default in the child instead.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   for line in process.stdout:
     if line.startswith("[train_classifier] step"):
       process.send_signal(signal.SIGINT)
