@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from cafd_jax import budget, cam, data, evaluate, models
+from cafd_jax import augment, budget, cam, data, evaluate, models
 from cafd_jax.models import taps
 
 # Pipeline order. ``report`` only rebuilds tables and figures from DIR/report.json.
@@ -130,6 +130,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   padding = config.classifier.get("crop_padding", 4)
   _require(isinstance(padding, int) and 0 <= padding < config.data.image_size,
            f"config.classifier.crop_padding must be an int in [0, image size), got {padding!r}.")
+  pad_mode = config.classifier.get("crop_pad_mode", "constant")
+  _require(pad_mode in augment.PAD_MODES,
+           f"config.classifier.crop_pad_mode must be one of {', '.join(augment.PAD_MODES)}, "
+           f"got {pad_mode!r}.")
   _positive("config.eval.batch_size", config.eval.batch_size)
   _non_negative("config.denoiser.caf_weight", config.denoiser.caf_weight)
   _non_negative("config.denoiser.gan_weight", config.denoiser.gan_weight)

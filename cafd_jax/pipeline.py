@@ -184,7 +184,8 @@ def classifier_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int =
                        train.num_epochs * steps_per_epoch)
   return classifier_train.make_step_fn(train.augment, train.accumulation_steps,
                                        train.get("label_smoothing", 0.0),
-                                       train.get("crop_padding", 4), lookahead_steps)
+                                       train.get("crop_padding", 4), lookahead_steps,
+                                       train.get("crop_pad_mode", "constant"))
 
 
 def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset,

@@ -71,8 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.classifier.lr_decay_factor = 0.2
   config.classifier.warmup_fraction = 0.2  # one_cycle only
   config.classifier.label_smoothing = 0.0
-  config.classifier.augment = True  # random crop (zero pad crop_padding) + horizontal flip
+  config.classifier.augment = True  # random crop (pad crop_padding) + horizontal flip
   config.classifier.crop_padding = 4
+  config.classifier.crop_pad_mode = "constant"  # or "reflect" (airbench's)
   # airbench93/94 only: the first layer whitens 2x2 patches (set from 5,000 training images, then
   # fixed); see cafd_jax/models/airbench.py.
   config.classifier.whiten_patches = False

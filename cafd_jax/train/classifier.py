@@ -78,13 +78,13 @@ def lookahead(state: common.TrainState, start_step: int, total_steps: int,
 
 @functools.partial(jax.jit, static_argnames=("use_augmentation", "accumulation_steps",
                                              "label_smoothing", "crop_padding",
-                                             "lookahead_steps"),
+                                             "lookahead_steps", "crop_pad_mode"),
                    donate_argnums=(0,))
 def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarray,
                key: jax.Array, use_augmentation: bool, accumulation_steps: int = 1,
                label_smoothing: float = 0.0, crop_padding: int = 4,
-               lookahead_steps: tuple[int, int] | None = None
-               ) -> tuple[common.TrainState, dict]:
+               lookahead_steps: tuple[int, int] | None = None,
+               crop_pad_mode: str = "constant") -> tuple[common.TrainState, dict]:
   """One optimiser step on a batch; BatchNorm in training mode. With ``lookahead_steps``
   (start step, total steps) and a ``state.slow`` copy, then a ``lookahead`` sync.
 
@@ -94,7 +94,7 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
   """
   chex.assert_rank(images, 4)
   if use_augmentation:
-    images = augment.random_crop_flip(key, images, crop_padding)
+    images = augment.random_crop_flip(key, images, crop_padding, crop_pad_mode)
 
   def loss_fn(params, batch_stats, images, labels):
     logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats},
@@ -128,14 +128,15 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
 
 def make_step_fn(use_augmentation: bool, accumulation_steps: int = 1,
                  label_smoothing: float = 0.0, crop_padding: int = 4,
-                 lookahead_steps: tuple[int, int] | None = None):
+                 lookahead_steps: tuple[int, int] | None = None,
+                 crop_pad_mode: str = "constant"):
   """``train_step`` in the (state, batch, key, frozen) form of ``loop.fit``."""
   def step_fn(state, batch, key, frozen=None):
     del frozen  # the classifier step reads nothing besides its own state
     images, labels = batch
     return train_step(state, jnp.asarray(images), jnp.asarray(labels), key, use_augmentation,
                       accumulation_steps, float(label_smoothing), int(crop_padding),
-                      lookahead_steps)
+                      lookahead_steps, crop_pad_mode)
   return step_fn
 
 
