@@ -4,9 +4,10 @@
 """
 
 import argparse
-import json
 import os
+from typing import Callable, Sequence
 
+from cafd_jax import io_utils
 from configs import ablations
 
 COLUMNS = ("variant", "denoiser", "clean", "PGD unseen", "PGD white-box", "no defense: PGD",
@@ -40,9 +41,8 @@ def table(root: str) -> str:
   found = 0
   for variant in ablations.VARIANTS:
     path = os.path.join(root, variant, "report.json")
-    if os.path.exists(path):
-      with open(path) as file:
-        lines.append("| " + " | ".join(row_of(variant, json.load(file))) + " |")
+    if io_utils.path(path).exists():
+      lines.append("| " + " | ".join(row_of(variant, io_utils.read_json(path))) + " |")
       found += 1
   if not found:
     raise SystemExit(f"error: no {ablations.VARIANTS[0]}/report.json (or other variant) under "
@@ -50,16 +50,21 @@ def table(root: str) -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("root", help="runs/ablations/BASE: one workdir per variant")
+def table_command(table_fn: Callable[[str], str], description: str, root_help: str,
+                  argv: Sequence[str] | None = None) -> None:
+  """``python -m MODULE ROOT [--out FILE]``: prints ``table_fn(ROOT)``, also into FILE."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("root", help=root_help)
   parser.add_argument("--out", default="", help="also write the table to this file")
-  args = parser.parse_args()
-  text = table(args.root)
+  args = parser.parse_args(argv)
+  text = table_fn(args.root)
   print(text)
   if args.out:
-    with open(args.out, "w") as file:
-      file.write(text + "\n")
+    io_utils.write_text(args.out, text + "\n")
+
+
+def main() -> None:
+  table_command(table, __doc__.splitlines()[0], "runs/ablations/BASE: one workdir per variant")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ can trace through. A batch of 0 images gives an empty result.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
@@ -22,7 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cafd_jax import checkpoint, config_checks, evaluate, factory, pipeline
+from cafd_jax import checkpoint, config_checks, evaluate, factory, io_utils, pipeline
+from cafd_jax import workdir as workdir_guard
 
 
 def check_images(images: Any, image_size: int) -> jnp.ndarray:
@@ -100,12 +100,12 @@ def load(workdir: str, denoiser: str = "cafd") -> Defended:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The validated config a main.py run recorded in ``workdir``."""
+  workdir_guard.check_storage(workdir)
   config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
+  if not io_utils.path(config_path).exists():
     raise checkpoint.CheckpointError(f"No config.json in {workdir}; point api.load at the "
                                      f"--workdir of a main.py run.")
-  with open(config_path) as file:
-    config = ml_collections.ConfigDict(json.load(file))
+  config = ml_collections.ConfigDict(io_utils.read_json(config_path))
   config_checks.validate(config)
   return config
 
@@ -113,8 +113,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def class_names_of(workdir: str) -> tuple[str, ...]:
   """Class names in label order, as the pipeline recorded them."""
   path = os.path.join(workdir, pipeline.CLASSES_FILE)
-  if not os.path.exists(path):
+  if not io_utils.path(path).exists():
     raise checkpoint.CheckpointError(f"No {pipeline.CLASSES_FILE} in {workdir}; point api.load at "
                                      f"the --workdir of a main.py run.")
-  with open(path) as file:
-    return tuple(json.load(file))
+  return tuple(io_utils.read_json(path))

@@ -15,7 +15,6 @@ clock decides), so they stop at the same step.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
@@ -99,11 +98,10 @@ def stage_seconds(config: Any, stage: str) -> float:
 def read_records(workdir: str) -> dict[str, dict]:
   """DIR/stages.json: the latest record of each stage run in this workdir ({} if none)."""
   path = os.path.join(workdir, STAGES_FILE)
-  if not os.path.exists(path):
+  if not io_utils.path(path).exists():
     return {}
   try:
-    with open(path) as file:
-      records = json.load(file)
+    records = io_utils.read_json(path)
   except ValueError:
     return {}  # rewritten whole at the next stage's end
   return records if isinstance(records, dict) else {}

@@ -20,7 +20,7 @@ class CheckpointError(RuntimeError):
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """A CheckpointManager for one stage's directory (created on first save)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  return ocp.CheckpointManager(io_utils.absolute(directory), options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
@@ -106,8 +106,8 @@ def restore_latest(checkpoints: ocp.CheckpointManager, template: Any,
       damaged.append(f"{step} ({type(error).__name__})")
       where = ""
       if move_damaged:
-        moved = f"{os.path.normpath(directory)}.damaged-{step}"
-        os.rename(os.path.join(directory, str(step)), moved)
+        moved = f"{io_utils.normalised(directory)}.damaged-{step}"
+        io_utils.rename(os.path.join(directory, str(step)), moved)
         checkpoints.reload()
         where = f"; moved to {moved}"
       print(f"[checkpoint] warning: {directory}/{step} is unreadable "
@@ -124,7 +124,7 @@ def restore_latest(checkpoints: ocp.CheckpointManager, template: Any,
 def require_latest(directory: str, template: Any, what: str) -> Any:
   """The newest intact state in ``directory``; a clear error if there is none."""
   restored = None
-  if os.path.isdir(directory):
+  if io_utils.path(directory).is_dir():
     checkpoints = manager(directory)
     try:
       restored = restore_latest(checkpoints, template)
@@ -138,7 +138,7 @@ def require_latest(directory: str, template: Any, what: str) -> Any:
 
 def latest_step(directory: str) -> int | None:
   """The number of the latest checkpoint in ``directory`` (None if there is none)."""
-  if not os.path.isdir(directory):
+  if not io_utils.path(directory).is_dir():
     return None
   checkpoints = manager(directory)
   try:

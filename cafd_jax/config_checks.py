@@ -39,6 +39,28 @@ def _non_negative(field: str, value) -> None:
   _require(isinstance(value, (int, float)) and value >= 0, f"{field} must be >= 0, got {value!r}.")
 
 
+def _check_adversary(config: ml_collections.ConfigDict, section: str, kind: str) -> None:
+  """config.SECTION.adversary is none or KIND, and config.SECTION.KIND's PGD settings hold."""
+  adversary = config[section].get("adversary", "none")
+  _require(adversary in ("none", kind), f"config.{section}.adversary must be none or {kind}, "
+                                        f"got {adversary!r}.")
+  if adversary == "none":
+    return
+  options = config[section].get(kind, None)
+  _require(options is not None, f"config.{section}.adversary={kind} needs config.{section}.{kind}"
+                                f" (eps, step_size, steps).")
+  for field in ("eps", "step_size"):
+    value = options.get(field, None)
+    _require(isinstance(value, (int, float)) and 0 < value <= 1,
+             f"config.{section}.{kind}.{field} must be in (0, 1], got {value!r}.")
+  steps = options.get("steps", None)
+  _require(isinstance(steps, int) and steps >= 1,
+           f"config.{section}.{kind}.steps must be an int >= 1, got {steps!r}.")
+  fraction = options.get("fraction", 1.0)
+  _require(isinstance(fraction, (int, float)) and 0 < fraction <= 1,
+           f"config.{section}.{kind}.fraction must be in (0, 1], got {fraction!r}.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid field."""
   _check_names("config.stages", config.stages, STAGES)
@@ -134,6 +156,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(pad_mode in augment.PAD_MODES,
            f"config.classifier.crop_pad_mode must be one of {', '.join(augment.PAD_MODES)}, "
            f"got {pad_mode!r}.")
+  _check_adversary(config, "classifier", "pgd")
+  _check_adversary(config, "denoiser", "white_box")
   _positive("config.eval.batch_size", config.eval.batch_size)
   _non_negative("config.denoiser.caf_weight", config.denoiser.caf_weight)
   _non_negative("config.denoiser.gan_weight", config.denoiser.gan_weight)
@@ -149,6 +173,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.eval.get("figure_attack", "pgd") in evaluate.ATTACKS,
            f"config.eval.figure_attack: unknown {config.eval.get('figure_attack')!r}; choose from "
            f"{','.join(evaluate.ATTACKS)}.")
+  _require(isinstance(config.eval.get("denoiser_workdir", ""), str),
+           "config.eval.denoiser_workdir must be a workdir path (or empty).")
   _require(all(isinstance(path, str) and path
                for path in config.eval.get("transfer_workdirs", ())),
            "config.eval.transfer_workdirs must be a tuple of workdir paths.")

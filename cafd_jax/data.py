@@ -42,8 +42,17 @@ _BLOTCH_STD = 0.025  # std of the low-frequency background colour blotches
 _PIXEL_NOISE = 0.02  # std of the i.i.d. Gaussian pixel noise
 
 
+def printable(text: str) -> str:
+  """``text`` with its unprintable characters (a newline in a file name, ...) escaped."""
+  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class DataError(ValueError):
-  """Bad data source or contents; message is one line saying what to do."""
+  """Bad data source or contents; message is one line saying what to do (file names with
+  unprintable characters shown escaped)."""
+
+  def __init__(self, message: str):
+    super().__init__(printable(message))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,6 @@
 * ``training_curves.png``: the scalars every training stage logged to TensorBoard.
 """
 
-import glob
-import os
 import struct
 from typing import Sequence
 
@@ -102,7 +100,7 @@ def cam_grid(arrays: dict[str, np.ndarray], path: str) -> None:
 
 def _records(path: str):
   """The raw records of a TFRecord file (TensorBoard event files are TFRecords)."""
-  with open(path, "rb") as file:
+  with io_utils.path(path).open("rb") as file:
     while header := file.read(12):
       if len(header) < 12:
         return
@@ -115,11 +113,14 @@ def _records(path: str):
 
 
 def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
-  """{tag: [(step, value), ...]} from the TensorBoard event files under ``log_dir``."""
+  """{tag: [(step, value), ...]} from the TensorBoard event files in ``log_dir`` and its folders."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   scalars: dict[str, dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"),
-                               recursive=True)):
+  folder = io_utils.path(log_dir)
+  # log_dir's event files and its stage folders' ("**" is refused on buckets)
+  patterns = ("events.out.tfevents.*", "*/events.out.tfevents.*")
+  found = [path for pattern in patterns for path in folder.glob(pattern)] if folder.exists() else []
+  for path in sorted(found):
     for payload in _records(path):
       event = event_pb2.Event.FromString(payload)
       for value in event.summary.value:

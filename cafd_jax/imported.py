@@ -10,7 +10,6 @@ layer. ``classifier.init_from`` reads its trained variables.
 """
 
 import importlib
-import os
 from typing import Any, Callable
 
 import flax.serialization
@@ -21,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from cafd_jax import checkpoint, config_checks
+from cafd_jax import checkpoint, config_checks, io_utils
 from cafd_jax.models import common, taps
 
 PREFIX = "import:"
@@ -78,17 +77,28 @@ def check_caf_layer(config: ml_collections.ConfigDict, model: nn.Module,
         f"{config.model.name!r}; its last layers: {shown}.")
 
 
+def _newest_step(folder):
+  """A stage's checkpoint folder (numbered steps, e.g. DIR/checkpoints/classifier): its newest
+  step's item; any other folder as it is."""
+  steps = [child for child in folder.iterdir() if child.name.isdigit() and child.is_dir()]
+  if not steps:
+    return folder
+  newest = max(steps, key=lambda child: int(child.name))
+  return newest / "default" if (newest / "default").is_dir() else newest
+
+
 def read_variables(path: str) -> dict:
   """Variables ({"params": ..., "batch_stats": ...}) from an Orbax checkpoint folder (of the
-  variables, or of a TrainState holding them) or a Flax msgpack file."""
-  if not os.path.exists(path):
+  variables, of a TrainState holding them, or a run's stage folder such as
+  ``DIR/checkpoints/classifier``: its newest step) or a Flax msgpack file."""
+  source = io_utils.path(path)
+  if not source.exists():
     raise checkpoint.CheckpointError(f"config.classifier.init_from: {path} does not exist.")
   try:
-    if os.path.isdir(path):
-      tree = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    if source.is_dir():
+      tree = ocp.StandardCheckpointer().restore(io_utils.absolute(_newest_step(source)))
     else:
-      with open(path, "rb") as file:
-        tree = flax.serialization.msgpack_restore(file.read())
+      tree = flax.serialization.msgpack_restore(source.read_bytes())
   except Exception as error:  # pylint: disable=broad-except  # many formats, many errors
     raise checkpoint.CheckpointError(
         f"config.classifier.init_from: cannot read {path} as an Orbax checkpoint folder or a "

@@ -7,10 +7,30 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from cafd_jax import io_utils
+
 
 def _format_seconds(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _BucketEventFiles:
+  """tensorboardX writer factory for a bucket workdir: event files through ``etils.epath``, as
+  every other workdir file (an object appears when its stage's writer closes)."""
+
+  def open(self, location: str):
+    return io_utils.path(location).open("wb")
+
+  def directory_check(self, location: str) -> None:
+    io_utils.path(location).mkdir(parents=True, exist_ok=True)
+
+
+def _summary_writer(log_dir: str):
+  from tensorboardX import SummaryWriter, record_writer  # pylint: disable=g-import-not-at-top
+  if not io_utils.is_local(log_dir):
+    record_writer.register_writer_factory(log_dir.split("://")[0], _BucketEventFiles())
+  return SummaryWriter(log_dir)
 
 
 class ProgressLogger:
@@ -22,8 +42,7 @@ class ProgressLogger:
     self.every_steps = max(1, every_steps)
     self._writer = None
     if workdir and jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
+      self._writer = _summary_writer(os.path.join(workdir, "tensorboard", stage))
     self._last_time, self._last_step = time.perf_counter(), None
 
   def step(self, step: int, metrics: Mapping[str, jax.Array]) -> None:

@@ -17,7 +17,6 @@ and the stage starts afresh.
 """
 
 import collections
-import glob
 import json
 import os
 import re
@@ -115,6 +114,12 @@ def restore_classifier(config: ml_collections.ConfigDict, workdir: str, num_clas
   return common.variables_of(state)
 
 
+def denoiser_source(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where evaluation reads the denoisers: ``eval.denoiser_workdir`` (e.g. to attack another
+  run's denoisers on a new grid without touching its report), else this workdir."""
+  return config.eval.get("denoiser_workdir", "") or workdir
+
+
 def restore_denoiser(config: ml_collections.ConfigDict, workdir: str, name: str = "cafd") -> dict:
   """Inference variables of a trained denoiser (cafd, cafd_caf or a baseline), from its
   checkpoint alone."""
@@ -133,16 +138,15 @@ def classifier_step(config: ml_collections.ConfigDict, workdir: str) -> int | No
 
 
 def _lineage_path(directory: str) -> str:
-  return os.path.normpath(directory) + ".lineage.json"
+  return io_utils.normalised(directory) + ".lineage.json"
 
 
 def read_lineage(directory: str) -> dict | None:
   """What ``directory``'s contents were made from (None if unrecorded)."""
   path = _lineage_path(directory)
-  if not os.path.exists(path):
+  if not io_utils.path(path).exists():
     return None
-  with open(path) as file:
-    return json.load(file)
+  return io_utils.read_json(path)
 
 
 def keep_or_supersede(directory: str, lineage: dict, stage: str) -> None:
@@ -154,13 +158,13 @@ def keep_or_supersede(directory: str, lineage: dict, stage: str) -> None:
   recorded = read_lineage(directory)
   parallel.barrier(f"{stage} lineage read")  # before the primary moves or writes anything
   if parallel.is_primary():
-    if recorded is not None and recorded != lineage and os.path.exists(directory):
+    if recorded is not None and recorded != lineage and io_utils.path(directory).exists():
       index = 1
-      while os.path.exists(f"{os.path.normpath(directory)}.superseded-{index}"):
+      while io_utils.path(f"{io_utils.normalised(directory)}.superseded-{index}").exists():
         index += 1
-      moved = f"{os.path.normpath(directory)}.superseded-{index}"
-      os.rename(directory, moved)
-      os.rename(_lineage_path(directory), _lineage_path(moved))
+      moved = f"{io_utils.normalised(directory)}.superseded-{index}"
+      io_utils.rename(directory, moved)
+      io_utils.rename(_lineage_path(directory), _lineage_path(moved))
       print(f"[{stage}] {directory} was made from {recorded}, not {lineage}; moved to {moved}, "
             f"starting afresh", flush=True)
     io_utils.write_json(_lineage_path(directory), lineage)
@@ -182,10 +186,13 @@ def classifier_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int =
   if train.get("lookahead"):
     lookahead_steps = (train.get("lookahead_start_epoch", 3) * steps_per_epoch,
                        train.num_epochs * steps_per_epoch)
+  adversary = None
+  if train.get("adversary", "none") == "pgd":
+    adversary = (float(train.pgd.eps), float(train.pgd.step_size), int(train.pgd.steps))
   return classifier_train.make_step_fn(train.augment, train.accumulation_steps,
                                        train.get("label_smoothing", 0.0),
                                        train.get("crop_padding", 4), lookahead_steps,
-                                       train.get("crop_pad_mode", "constant"))
+                                       train.get("crop_pad_mode", "constant"), adversary)
 
 
 def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset,
@@ -257,11 +264,10 @@ def craft(config, workdir, train_set: data.Dataset, budget: budgets.Budget | Non
   directory = os.path.join(workdir, CRAFT_DIR)
   settings_path = os.path.join(directory, "settings.json")
   settings = _craft_settings(config, train_set.shard)
-  if os.path.exists(settings_path):
-    with open(settings_path) as file:
-      if json.load(file) != json.loads(json.dumps(settings)):
-        raise config_checks.ConfigError(
-            f"{directory} was crafted with other settings; delete it or use another --workdir.")
+  if io_utils.path(settings_path).exists():
+    if io_utils.read_json(settings_path) != json.loads(json.dumps(settings)):
+      raise config_checks.ConfigError(
+          f"{directory} was crafted with other settings; delete it or use another --workdir.")
   classifier = factory.classifier(config, train_set.num_classes)
   variables = restore_classifier(config, workdir, train_set.num_classes)
   keep_or_supersede(directory, {"classifier_step": classifier_step(config, workdir)}, "craft")
@@ -278,7 +284,7 @@ def craft(config, workdir, train_set: data.Dataset, budget: budgets.Budget | Non
   shard_index, num_shards = train_set.shard  # (0, 1) unless this process holds only its shard
   for chunk in range(num_chunks):
     path = _chunk_path(directory, chunk, train_set.shard)
-    if os.path.exists(path) or not (num_shards > 1 or parallel.owns(chunk)):
+    if io_utils.path(path).exists() or not (num_shards > 1 or parallel.owns(chunk)):
       continue
     # At least one chunk per invocation. Not budget.spent(): processes craft different chunks
     # and need not agree here.
@@ -306,16 +312,17 @@ def _crafted_chunks(directory: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   a chunk missing before it (crafting stopped early on one process) moves no rows."""
   settings_path = os.path.join(directory, "settings.json")
   chunk_size = None
-  if os.path.exists(settings_path):
-    with open(settings_path) as file:
-      chunk_size = json.load(file).get("batch_size")
+  if io_utils.path(settings_path).exists():
+    chunk_size = io_utils.read_json(settings_path).get("batch_size")
   offsets = collections.Counter()  # without settings: rows seen so far per set or shard
-  for path in sorted(glob.glob(os.path.join(directory, "*chunk_*.npy"))):  # chunk order
-    match = _CHUNK_FILE.fullmatch(os.path.basename(path))
+  folder = io_utils.path(directory)
+  names = sorted(path.name for path in folder.glob("*chunk_*.npy")) if folder.exists() else []
+  for name in names:  # chunk order
+    match = _CHUNK_FILE.fullmatch(name)
     if not match:
       continue
     shard = (int(match[1]), int(match[2])) if match[1] else (0, 1)
-    chunk = np.load(path, mmap_mode="r")
+    chunk = io_utils.load_npy(os.path.join(directory, name), mmap=True)
     start = int(match[3]) * chunk_size if chunk_size else offsets[shard]
     offsets[shard] += len(chunk)
     yield chunk, shard[0] + shard[1] * np.arange(start, start + len(chunk))
@@ -393,7 +400,18 @@ def denoiser_step(config: ml_collections.ConfigDict, classifier,
   options = denoiser_train.caf_options(config.caf, loss_kind or config.caf.loss_kind)
   return denoiser_train.make_train_step(
       classifier, caf_kind=options.pop("kind"), caf_weight=config.denoiser.caf_weight,
-      gan_weight=config.denoiser.gan_weight, **options)
+      gan_weight=config.denoiser.gan_weight, adversary=white_box_adversary(config), **options)
+
+
+def white_box_adversary(config: ml_collections.ConfigDict
+                        ) -> denoiser_train.WhiteBoxAdversary | None:
+  """The online white-box adversary of the CAFD steps (``denoiser.adversary``), or None."""
+  if config.denoiser.get("adversary", "none") != "white_box":
+    return None
+  options = config.denoiser.white_box
+  return denoiser_train.WhiteBoxAdversary(
+      eps=float(options.eps), step_size=float(options.step_size), steps=int(options.steps),
+      fraction=float(options.get("fraction", 1.0)))
 
 
 def train_denoiser(config, workdir, train_set: data.Dataset, mesh,
@@ -462,12 +480,11 @@ def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
   targets = []
   for other in config.eval.get("transfer_workdirs", ()):
     path = os.path.join(other, "config.json")
-    if not os.path.exists(path):
+    if not io_utils.path(path).exists():
       raise config_checks.ConfigError(
           f"config.eval.transfer_workdirs: {path} not found; train that classifier first "
           f"(main.py --workdir {other} --config.stages=train_classifier).")
-    with open(path) as file:
-      other_config = ml_collections.ConfigDict(json.load(file))
+    other_config = ml_collections.ConfigDict(io_utils.read_json(path))
     target = ml_collections.ConfigDict(config.to_dict())
     target.model = other_config.model
     target.eval.attacks = config.eval.get("transfer_attacks", "") or config.eval.attacks
@@ -478,10 +495,9 @@ def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
 def read_finished_runs(workdir: str) -> dict[str, list[dict]]:
   """The rows of the attack runs an earlier evaluation of ``workdir`` finished (by run id)."""
   path = os.path.join(workdir, EVAL_RUNS_FILE)
-  if not os.path.exists(path):
+  if not io_utils.path(path).exists():
     return {}
-  with open(path) as file:
-    return json.load(file)
+  return io_utils.read_json(path)
 
 
 def _run_identity(target: ml_collections.ConfigDict, target_dir: str,
@@ -511,12 +527,13 @@ def run_evaluation(config, workdir, test_set: data.Dataset,
   for name in evaluate.DENOISERS:
     if name in defense_names:
       denoisers[name] = factory.denoiser(config)
-      denoiser_variables[name] = restore_denoiser(config, workdir, name)
+      denoiser_variables[name] = restore_denoiser(config, denoiser_source(config, workdir), name)
   key = _stage_key(config, "evaluate")
   results = []
   spent = lambda: budget is not None and budget.spent()
   finished_runs = read_finished_runs(workdir)
-  denoiser_steps = {name: checkpoint.latest_step(os.path.join(workdir, denoiser_dir(name)))
+  denoiser_steps = {name: checkpoint.latest_step(os.path.join(denoiser_source(config, workdir),
+                                                             denoiser_dir(name)))
                     for name in denoisers}
 
   def after_run(rows: list[dict]) -> None:
@@ -528,7 +545,7 @@ def run_evaluation(config, workdir, test_set: data.Dataset,
   for index, (target, target_dir) in enumerate([(config, workdir)] + _transfer_targets(config)):
     label = None
     if index:
-      label = f"{target.model.name}@{os.path.basename(os.path.normpath(target_dir))}"
+      label = f"{target.model.name}@{io_utils.path(target_dir).name}"
       if spent():
         budget.cut(model=label, run="0")
         print(f"[evaluate] time budget spent: {label} is not attacked", flush=True)
@@ -549,8 +566,8 @@ def run_evaluation(config, workdir, test_set: data.Dataset,
       budget.cut(figure="cam_grid")
       print("[evaluate] time budget spent: the CAM picture is not drawn", flush=True)
       stale = os.path.join(workdir, report.FIGURES_DIR, figures.CAM_ARRAYS)
-      if parallel.is_primary() and os.path.exists(stale):
-        os.remove(stale)  # an earlier evaluation's picture: not this report's
+      if parallel.is_primary() and io_utils.path(stale).exists():
+        io_utils.path(stale).unlink()  # an earlier evaluation's picture: not this report's
     elif index == 0 and parallel.is_primary():
       arrays = evaluate.cam_figure_arrays(
           config, test_set, classifier, evaluate.preprocessors(defense_names, denoisers, config),
@@ -564,13 +581,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   writer (``workdir_guard.Lock``) and only if its stored output means what ``config`` says
   (``workdir_guard.check_config``)."""
   config_checks.validate(config)
+  workdir_guard.check_storage(workdir)
   try:
     parallel.initialize(config)
   except ValueError as error:
     raise config_checks.ConfigError(str(error)) from error
   lock = workdir_guard.Lock(workdir)
   try:
-    if parallel.is_primary() and os.path.isdir(workdir):
+    if parallel.is_primary() and io_utils.path(workdir).is_dir():
       lock.acquire()  # at once, before data loading; a new workdir is made (and locked) later
     _run_stages(config, workdir, lock)
   finally:

@@ -5,7 +5,8 @@ else (report.md, DIR/figures/*.png) from the workdir's files alone, so
 ``--config.stages=report`` rebuilds the same outputs without recomputing anything.
 """
 
-import json
+import io
+import math
 import os
 import platform
 import sys
@@ -31,6 +32,15 @@ def _eps_text(eps) -> str:
   return f"{eps * 255:.3g}/255" if eps < 1 else f"{eps:.3g}"
 
 
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+  """The 95% (``z`` = 1.96) Wilson score interval of an accuracy measured on ``n`` examples."""
+  if n <= 0:
+    return 0.0, 1.0
+  centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+  half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def markdown_table(results: Sequence[dict]) -> str:
   """Accuracy table: a row per (model, attack, eps, threat model), a column per defense.
 
@@ -54,7 +64,10 @@ def markdown_table(results: Sequence[dict]) -> str:
     lead = f"| {model} " if with_model else ""
     lines.append(f"{lead}| {attack} | {eps_cell} | {threat} | " + " | ".join(cells) + " |")
   n = sorted({row["n"] for row in results})
-  return "\n".join(lines) + f"\n\nAccuracy on n = {', '.join(map(str, n))} test images.\n"
+  widest = max((interval[1] - interval[0]) / 2 for interval in
+               (wilson_interval(row["accuracy"], row["n"]) for row in results))
+  return ("\n".join(lines) + f"\n\nAccuracy on n = {', '.join(map(str, n))} test images; "
+          f"each accuracy's 95% Wilson interval is within ±{100 * widest:.1f} points.\n")
 
 
 def integrity_section(findings: Sequence[dict]) -> str:
@@ -94,11 +107,10 @@ def write(workdir: str, config: dict, results: Sequence[dict], extra: dict | Non
 def load(workdir: str) -> dict:
   """DIR/report.json, or a one-line ReportError saying how to produce it."""
   path = os.path.join(workdir, REPORT_JSON)
-  if not os.path.exists(path):
+  if not io_utils.path(path).exists():
     raise ReportError(f"{path} does not exist; run the evaluate stage first with this --workdir.")
   try:
-    with open(path) as file:
-      report = json.load(file)
+    report = io_utils.read_json(path)
     report["results"]  # pylint: disable=pointless-statement
   except (ValueError, KeyError, TypeError) as error:
     raise ReportError(f"{path} is not a readable report ({type(error).__name__}); rerun the "
@@ -115,13 +127,13 @@ def figures_section(written: Sequence[str]) -> str:
 def write_figures(workdir: str, results: Sequence[dict]) -> list[str]:
   """The PNGs under DIR/figures/ that the workdir's files allow; returns their names."""
   directory = os.path.join(workdir, FIGURES_DIR)
-  os.makedirs(directory, exist_ok=True)
+  io_utils.path(directory).mkdir(parents=True, exist_ok=True)
   written = []
   if figures.accuracy_vs_eps(results, os.path.join(directory, figures.ACCURACY_VS_EPS)):
     written.append(figures.ACCURACY_VS_EPS)
   arrays_path = os.path.join(directory, figures.CAM_ARRAYS)
-  if os.path.exists(arrays_path):
-    with np.load(arrays_path, allow_pickle=False) as arrays:
+  if io_utils.path(arrays_path).exists():
+    with np.load(io.BytesIO(io_utils.path(arrays_path).read_bytes()), allow_pickle=False) as arrays:
       figures.cam_grid(dict(arrays), os.path.join(directory, figures.CAM_GRID))
     written.append(figures.CAM_GRID)
   if figures.training_curves(os.path.join(workdir, "tensorboard"),

@@ -7,9 +7,12 @@ written.
 """
 
 import fcntl
+import importlib.util
 import json
 import os
 from typing import Any
+
+from cafd_jax import io_utils
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
@@ -20,8 +23,34 @@ MEANINGFUL = ("seed", "compute_dtype", "upstream_workdir", "model", "data", "cla
               "craft", "denoiser")
 
 
+# What a bucket workdir needs besides etils.epath and Orbax: the fsspec file system of its
+# scheme, and for gs:// the client that Orbax asks about the bucket's layout.
+BUCKET_PACKAGES = {"gs": ("gcsfs", "google.cloud.storage"), "s3": ("s3fs",)}
+
+
 class WorkdirError(RuntimeError):
   """The workdir is in use or holds output of another config; the message says what to do."""
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # its parent package is missing
+    return False
+
+
+def check_storage(workdir: str) -> None:
+  """Raises WorkdirError if ``workdir`` is a bucket whose client packages are missing."""
+  if io_utils.is_local(workdir):
+    return
+  scheme = os.fspath(workdir).split("://")[0]
+  if scheme not in BUCKET_PACKAGES:
+    raise WorkdirError(f"--workdir {workdir}: {scheme}:// is not supported; use a local path, "
+                       f"{', '.join(s + '://' for s in BUCKET_PACKAGES)}.")
+  missing = [module for module in BUCKET_PACKAGES[scheme] if not _installed(module)]
+  if missing:
+    packages = " ".join(module.replace(".", "-") for module in missing)
+    raise WorkdirError(f"--workdir {workdir} needs {', '.join(missing)}: pip install {packages}")
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -50,12 +79,11 @@ def drift(stored: dict, config: dict) -> list[str]:
 def check_config(workdir: str, config: dict) -> None:
   """Raises WorkdirError if ``workdir`` holds output of a config that differs from ``config``
   in a meaningful field; reads only."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = io_utils.path(workdir) / CONFIG_FILE
+  if not path.exists():
     return
   try:
-    with open(path) as file:
-      stored = json.load(file)
+    stored = io_utils.read_json(path)
   except (OSError, ValueError) as error:
     raise WorkdirError(f"{path} is unreadable ({type(error).__name__}); restore it or use "
                        f"another --workdir.") from None
@@ -69,18 +97,30 @@ def check_config(workdir: str, config: dict) -> None:
 class Lock:
   """An exclusive lock on ``workdir`` (``flock`` on ``DIR/.lock``, holding the PID) for this
   process's lifetime: the kernel releases it when the process ends, however it ends, so a
-  killed run's lock never blocks the next."""
+  killed run's lock never blocks the next.
+
+  A bucket has no locks: there ``acquire`` only creates the workdir, and one writer per
+  workdir is the user's to keep (on a pod, only process 0 writes shared files).
+  """
 
   def __init__(self, workdir: str):
-    self.workdir, self._file = workdir, None
+    self.workdir, self._file, self._bucket = workdir, None, False
 
   @property
   def held(self) -> bool:
-    return self._file is not None
+    return self._file is not None or self._bucket
 
   def acquire(self) -> None:
     """Takes the lock (creating the workdir); WorkdirError naming the holder if it is taken."""
     if self.held:
+      return
+    if not io_utils.is_local(self.workdir):
+      try:
+        io_utils.path(self.workdir).mkdir(parents=True, exist_ok=True)
+      except OSError as error:
+        raise WorkdirError(f"cannot create {self.workdir} ({error}); check the bucket's name "
+                           f"and permissions or use another --workdir.") from None
+      self._bucket = True
       return
     path = os.path.join(self.workdir, LOCK_FILE)
     try:
@@ -104,6 +144,7 @@ class Lock:
     self._file = file
 
   def release(self) -> None:
+    self._bucket = False
     if self._file is not None:
       self._file.close()  # closing releases the flock
       self._file = None

@@ -88,6 +88,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (cafd_jax/train/classifier.py: lookahead).
   config.classifier.lookahead = False
   config.classifier.lookahead_start_epoch = 3
+  # pgd: adversarial training of the classifier itself (Madry et al.): each batch is replaced by
+  # L-inf PGD examples (classifier.pgd, random start) against the current weights; none: clean.
+  config.classifier.adversary = "none"
+  config.classifier.pgd = ml_collections.ConfigDict(dict(eps=8 / 255, step_size=2 / 255,
+                                                         steps=7))
 
   config.caf = ml_collections.ConfigDict()
   config.caf.attack_kind = "weighted_features"  # weighted_features | cam | features
@@ -121,6 +126,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.denoiser.warmup_fraction = 0.2  # one_cycle only
   config.denoiser.caf_weight = 1e3
   config.denoiser.gan_weight = 5e-3
+  # white_box: each CAFD step replaces the first `fraction` of its batch of crafted CAF examples
+  # by L-inf PGD examples made online against classifier(denoiser(x)), end to end, with the
+  # denoiser's current weights (cafd_jax/train/denoiser.py); none: the crafted examples only.
+  config.denoiser.adversary = "none"
+  config.denoiser.white_box = ml_collections.ConfigDict(dict(eps=8 / 255, step_size=2 / 255,
+                                                             steps=5, fraction=0.5))
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_examples = 0  # 0 = the whole test split
@@ -142,6 +153,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Workdirs of other runs on the same data whose classifiers are also attacked behind this
   # run's defenses (transfer: a denoiser trained against one model, used before another).
   config.eval.transfer_workdirs = ()
+  # A finished run whose denoisers evaluation reads (empty: this workdir's own).
+  config.eval.denoiser_workdir = ""
   config.eval.transfer_attacks = ""  # the attacks on those targets; empty: eval.attacks
   # Input-transform baselines (Xu et al. 2018 on CIFAR-10: 5 bits, 2x2 median; JPEG 75).
   config.eval.bit_depth = ml_collections.ConfigDict(dict(bits=5))

@@ -10,7 +10,7 @@ parameters), with a one-cycle schedule for a CPU:
 
 The second command's report then also has rows for model ``vgg_tiny@cifar10_cpu_vgg_tiny``:
 that classifier attacked unseen (``eval.transfer_attacks``) behind the denoisers trained
-against airbench93.
+against airbench94.
 """
 
 from configs import cifar10_cpu
@@ -32,6 +32,8 @@ def get_config():
   train.num_epochs = 12
   train.label_smoothing = 0.1
   train.crop_padding = 4
+  train.crop_pad_mode = "constant"
   train.whiten_patches = False
   train.norm_bias_lr_scale = 1.0
+  train.lookahead = False
   return config

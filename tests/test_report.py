@@ -106,3 +106,13 @@ def test_missing_or_corrupt_report_json_is_one_clear_error(tmp_path):
   with pytest.raises(report.ReportError, match="rerun the evaluate stage"):
     report.render(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ["report.json"]  # nothing half-written
+
+
+def test_wilson_intervals_match_published_values_and_reach_the_table():
+  # 50 of 100: the textbook Wilson interval (Agresti & Coull 1998) is [0.4038, 0.5962].
+  assert report.wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+  low, high = report.wilson_interval(1.0, 2000)  # never beyond [0, 1], never zero-width
+  assert high == 1.0 and 0.997 < low < 1.0
+  rows = [{"attack": "pgd", "defense": "cafd", "threat_model": "unseen", "eps": 8 / 255,
+           "accuracy": 0.5, "n": 2000}]
+  assert "within ±2.2 points" in report.markdown_table(rows)

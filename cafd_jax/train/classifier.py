@@ -10,6 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cafd_jax import augment, losses, models
+from cafd_jax.attacks.pgd import projected_gradient_ascent
 from cafd_jax.models import common as model_common
 from cafd_jax.train import common
 
@@ -78,23 +79,31 @@ def lookahead(state: common.TrainState, start_step: int, total_steps: int,
 
 @functools.partial(jax.jit, static_argnames=("use_augmentation", "accumulation_steps",
                                              "label_smoothing", "crop_padding",
-                                             "lookahead_steps", "crop_pad_mode"),
+                                             "lookahead_steps", "crop_pad_mode", "adversary"),
                    donate_argnums=(0,))
 def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarray,
                key: jax.Array, use_augmentation: bool, accumulation_steps: int = 1,
                label_smoothing: float = 0.0, crop_padding: int = 4,
                lookahead_steps: tuple[int, int] | None = None,
-               crop_pad_mode: str = "constant") -> tuple[common.TrainState, dict]:
+               crop_pad_mode: str = "constant",
+               adversary: tuple[float, float, int] | None = None
+               ) -> tuple[common.TrainState, dict]:
   """One optimiser step on a batch; BatchNorm in training mode. With ``lookahead_steps``
   (start step, total steps) and a ``state.slow`` copy, then a ``lookahead`` sync.
 
   With ``accumulation_steps`` k > 1 the batch is processed as k microbatches in sequence
   (activations of one microbatch in memory at a time) and their mean gradient makes one update:
   the optimiser sees the whole batch; BatchNorm statistics are those of each microbatch.
+
+  With ``adversary`` (eps, step size, steps), the (augmented) batch is replaced by L-inf PGD
+  examples against the current weights (BatchNorm in inference mode; random start): PGD
+  adversarial training.
   """
   chex.assert_rank(images, 4)
   if use_augmentation:
     images = augment.random_crop_flip(key, images, crop_padding, crop_pad_mode)
+  if adversary is not None:
+    images = pgd_examples(state, images, labels, jax.random.fold_in(key, 1), *adversary)
 
   def loss_fn(params, batch_stats, images, labels):
     logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats},
@@ -126,17 +135,30 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
   return state, {"loss": loss, "accuracy": accuracy}
 
 
+def pgd_examples(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarray,
+                 key: jax.Array, eps: float, step_size: float, steps: int) -> jnp.ndarray:
+  """L-inf PGD examples of ``images`` on the cross-entropy of the classifier in ``state``."""
+  variables = common.variables_of(state)
+
+  def loss(x):
+    logits = state.apply_fn(variables, x, train=False).astype(jnp.float32)
+    return losses.cross_entropy(logits, labels)
+
+  return projected_gradient_ascent(loss, images, key, eps=eps, step_size=step_size, steps=steps)
+
+
 def make_step_fn(use_augmentation: bool, accumulation_steps: int = 1,
                  label_smoothing: float = 0.0, crop_padding: int = 4,
                  lookahead_steps: tuple[int, int] | None = None,
-                 crop_pad_mode: str = "constant"):
+                 crop_pad_mode: str = "constant",
+                 adversary: tuple[float, float, int] | None = None):
   """``train_step`` in the (state, batch, key, frozen) form of ``loop.fit``."""
   def step_fn(state, batch, key, frozen=None):
     del frozen  # the classifier step reads nothing besides its own state
     images, labels = batch
     return train_step(state, jnp.asarray(images), jnp.asarray(labels), key, use_augmentation,
                       accumulation_steps, float(label_smoothing), int(crop_padding),
-                      lookahead_steps, crop_pad_mode)
+                      lookahead_steps, crop_pad_mode, adversary)
   return step_fn
 
 

@@ -9,8 +9,14 @@
   ``caf.loss_kind`` the ``cafd`` denoiser uses (the reference code's is plain ``features``).
 
 The target classifier is frozen (BatchNorm in inference mode) throughout.
+
+With a ``WhiteBoxAdversary`` (``config.denoiser.adversary=white_box``), the CAFD step crafts a
+share of each batch's adversarial inputs itself, by L-inf PGD on the cross-entropy of the whole
+defended model (classifier after the current denoiser, end to end), in place of the
+precomputed CAF examples: the denoiser learns to remove noise made against itself.
 """
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -18,6 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cafd_jax import cam, losses, models
+from cafd_jax.attacks.pgd import projected_gradient_ascent
 from cafd_jax.models import taps
 from cafd_jax.train import common
 
@@ -46,15 +53,58 @@ def classifier_caf_fn(classifier: nn.Module, classifier_variables: dict, kind: s
   return cam.make_caf_fn(tapped_apply, kind, class_source, weights, head_kernel, upsample)
 
 
+@dataclasses.dataclass(frozen=True)
+class WhiteBoxAdversary:
+  """Online white-box examples: L-inf PGD (``steps`` of ``step_size`` within ``eps``, random
+  start) on the defended model's cross-entropy, for the first ``fraction`` of each batch."""
+  eps: float
+  step_size: float
+  steps: int
+  fraction: float = 1.0
+
+  def count(self, batch_size: int) -> int:
+    """How many examples of a batch are crafted online (at least one)."""
+    return max(1, min(batch_size, round(self.fraction * batch_size)))
+
+
+def white_box_examples(denoiser_state: common.TrainState, classifier: nn.Module,
+                       classifier_variables: dict, x_natural: jnp.ndarray, labels: jnp.ndarray,
+                       key: jax.Array, adversary: WhiteBoxAdversary) -> jnp.ndarray:
+  """PGD examples of ``x_natural`` against classifier(denoiser(x)), gradients through both
+  (inference mode, the denoiser's current parameters)."""
+  denoiser_variables = {"params": denoiser_state.params, "batch_stats": denoiser_state.batch_stats}
+
+  def defended_loss(images):
+    denoised = denoiser_state.apply_fn(denoiser_variables, images, train=False)
+    logits = classifier.apply(classifier_variables, denoised).astype(jnp.float32)
+    return losses.cross_entropy(logits, labels)
+
+  return projected_gradient_ascent(defended_loss, x_natural, key, eps=adversary.eps,
+                                   step_size=adversary.step_size, steps=adversary.steps)
+
+
 def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
                     caf_weight: float, gan_weight: float, weights: str = "cam",
-                    feature_layer: str = taps.DEFAULT_LAYER) -> Callable:
-  """A jitted ``step(states, classifier_variables, x_adv, x_natural, labels)``; ``weights`` and
-  ``feature_layer`` choose the CAF's class weights and features (``classifier_caf_fn``)."""
+                    feature_layer: str = taps.DEFAULT_LAYER,
+                    adversary: WhiteBoxAdversary | None = None) -> Callable:
+  """A jitted ``step(states, classifier_variables, x_adv, x_natural, labels, key=None)``;
+  ``weights`` and ``feature_layer`` choose the CAF's class weights and features
+  (``classifier_caf_fn``). With an ``adversary``, the first ``adversary.count(batch)``
+  examples of ``x_adv`` are replaced by white-box examples crafted with ``key``."""
 
   def step(states: DenoiserStates, classifier_variables: dict, x_adv: jnp.ndarray,
-           x_natural: jnp.ndarray, labels: jnp.ndarray) -> tuple[DenoiserStates, dict]:
+           x_natural: jnp.ndarray, labels: jnp.ndarray,
+           key: jax.Array | None = None) -> tuple[DenoiserStates, dict]:
     denoiser_state, disc_state = states
+    metrics = {}
+    if adversary is not None:
+      if key is None:
+        raise ValueError("a white-box adversary needs the step's PRNG key")
+      count = adversary.count(x_adv.shape[0])
+      online = white_box_examples(denoiser_state, classifier, classifier_variables,
+                                  x_natural[:count], labels[:count], key, adversary)
+      x_adv = jnp.concatenate([online.astype(x_adv.dtype), x_adv[count:]])
+      metrics["online_linf"] = jnp.max(jnp.abs(online - x_natural[:count]))
     caf_fn = classifier_caf_fn(classifier, classifier_variables, caf_kind, class_source, weights,
                                feature_layer, upsample=False)
     natural_caf = jax.lax.stop_gradient(caf_fn(x_natural, labels))
@@ -85,7 +135,7 @@ def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
                   disc_state.apply_gradients(grads=disc_grads))
     pixel_mse = jnp.mean((denoised - x_natural) ** 2)
     return new_states, {"loss": total, "caf_loss": caf_loss, "gan_loss": gan_loss,
-                        "disc_loss": disc_loss, "pixel_mse": pixel_mse}
+                        "disc_loss": disc_loss, "pixel_mse": pixel_mse, **metrics}
 
   return jax.jit(step, donate_argnums=(0,))
 
@@ -111,8 +161,9 @@ def make_baseline_train_step(classifier: nn.Module, name: str) -> Callable:
   """A jitted ``step(state, classifier_variables, x_adv, x_natural, labels)`` for a baseline."""
 
   def step(state: common.TrainState, classifier_variables: dict, x_adv: jnp.ndarray,
-           x_natural: jnp.ndarray, labels: jnp.ndarray) -> tuple[common.TrainState, dict]:
-    del labels  # the baselines need no class
+           x_natural: jnp.ndarray, labels: jnp.ndarray,
+           key: jax.Array | None = None) -> tuple[common.TrainState, dict]:
+    del labels, key  # the baselines need no class and draw nothing
 
     def loss_fn(params):
       denoised, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
@@ -131,8 +182,8 @@ def make_baseline_train_step(classifier: nn.Module, name: str) -> Callable:
 def make_step_fn(train_step: Callable):
   """A denoiser train step in the (state, batch, key, frozen) form of ``loop.fit``; ``frozen`` is
   the classifier's variables."""
-  def step_fn(states, batch, _key, classifier_variables):
+  def step_fn(states, batch, key, classifier_variables):
     x_adv, x_natural, labels = batch
     return train_step(states, classifier_variables, jnp.asarray(x_adv), jnp.asarray(x_natural),
-                      jnp.asarray(labels))
+                      jnp.asarray(labels), key)
   return step_fn

@@ -1,0 +1,97 @@
+"""White-box defenses measured alike: adaptive CAFD against PGD adversarial training of the
+classifier at equal compute, next to plain CAFD and HGD (issue 27).
+
+    python main.py --config configs/whitebox.py:BASE,VARIANT --workdir runs/whitebox/BASE/VARIANT
+
+BASE is ``quickstart`` or ``cifar10_cpu``; ``runs/BASE`` (``--config.upstream_workdir`` and the
+fields below to change it) is a finished run of that config, whose classifier, crafted set and
+denoisers the variants start from. Variants:
+
+  denoisers               runs/BASE's own CAFD and HGD denoisers (eval.denoiser_workdir), no
+                          training
+  adaptive_cafd           CAFD trained with online white-box examples (denoiser.adversary) on
+                          half of each batch, in place of crafted CAF examples
+  adversarial_classifier  runs/BASE's classifier (classifier.init_from) fine-tuned by PGD
+                          adversarial training (classifier.adversary=pgd) for as many
+                          example-gradients as adaptive_cafd's training (equal_compute_epochs)
+
+Every variant is evaluated on the same grid: clean, PGD and AutoAttack unseen, white-box (end
+to end through the defense) and BPDA, and the score-based Square attack as a check on masked
+gradients.
+"""
+
+import math
+
+import ml_collections
+
+from configs import cifar10_cpu, quickstart
+
+BASES = {"quickstart": quickstart, "cifar10_cpu": cifar10_cpu}
+VARIANTS = ("denoisers", "adaptive_cafd", "adversarial_classifier")
+CIFAR10_TRAIN_SIZE = 50_000  # what data.num_train = 0 (the whole split) means for both bases
+
+
+def training_examples(config: ml_collections.ConfigDict) -> int:
+  return config.data.num_train or CIFAR10_TRAIN_SIZE
+
+
+def crafted_examples(config: ml_collections.ConfigDict) -> int:
+  return min(config.craft.num_examples or training_examples(config), training_examples(config))
+
+
+def adaptive_gradient_evaluations(config: ml_collections.ConfigDict) -> int:
+  """Example-gradients of adaptive CAFD's training: per step, ``steps`` PGD gradients for the
+  online share of the batch and one training gradient for the whole batch."""
+  train, options = config.denoiser, config.denoiser.white_box
+  online = max(1, round(options.fraction * train.batch_size))
+  steps = train.num_epochs * math.ceil(crafted_examples(config) / train.batch_size)
+  return steps * (online * options.steps + train.batch_size)
+
+
+def equal_compute_epochs(config: ml_collections.ConfigDict) -> int:
+  """Epochs of PGD adversarial training (``steps`` + 1 gradients per example) that spend as
+  many example-gradients as ``adaptive_gradient_evaluations`` (at least one)."""
+  per_epoch = training_examples(config) * (config.classifier.pgd.steps + 1)
+  return max(1, round(adaptive_gradient_evaluations(config) / per_epoch))
+
+
+def _evaluation_grid(config: ml_collections.ConfigDict, defenses: str) -> None:
+  config.eval.attacks = "none,pgd,autoattack,square"
+  config.eval.defenses = defenses
+  config.eval.threat_models = "unseen,white_box,bpda"
+  config.eval.adaptive_defenses = ""
+  config.eval.adaptive_attacks = "pgd,autoattack,square"
+  config.eval.sweep_eps = ()
+  config.eval.sweep_threat_models = ""
+
+
+def get_config(arg: str = "quickstart,adaptive_cafd"):
+  base_name, _, variant = arg.partition(",")
+  if base_name not in BASES:
+    raise ValueError(f"whitebox base must be one of {','.join(BASES)}, got {base_name!r}.")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown whitebox variant {variant!r}; choose from {','.join(VARIANTS)}.")
+  config = BASES[base_name].get_config()
+  config.denoiser.white_box.update(dict(eps=8 / 255, step_size=2 / 255, steps=5, fraction=0.5))
+  config.classifier.pgd.update(dict(eps=8 / 255, step_size=2 / 255, steps=7))
+  base_workdir = f"runs/{base_name}"
+  if variant == "denoisers":
+    config.stages = "evaluate"
+    config.upstream_workdir = config.eval.denoiser_workdir = base_workdir
+    _evaluation_grid(config, "none,cafd,hgd")
+  elif variant == "adaptive_cafd":
+    config.stages = "train_denoiser,evaluate"
+    config.upstream_workdir = base_workdir
+    config.denoiser.adversary = "white_box"
+    _evaluation_grid(config, "none,cafd")
+  else:
+    epochs = equal_compute_epochs(config)
+    config.stages = "train_classifier,evaluate"
+    config.classifier.adversary = "pgd"
+    config.classifier.init_from = f"{base_workdir}/checkpoints/classifier"
+    config.classifier.num_epochs = epochs
+    config.classifier.schedule = "one_cycle"
+    config.classifier.learning_rate /= 10  # fine-tuning a trained classifier
+    config.classifier.lookahead = False
+    _evaluation_grid(config, "none")
+  return config
