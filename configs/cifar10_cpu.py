@@ -6,8 +6,7 @@ is shortened to fit the CPU, and the time each stage was given (SPLIT below), is
 - target: ``airbench94`` (cafd_jax/models/airbench.py; 1.97M parameters) with airbench's
   training tricks (patch whitening, one-cycle nesterov SGD, label smoothing 0.2, 64x lr on
   BatchNorm biases, 2-pixel crops of the mirror-padded image, lookahead), 10 epochs at batch
-  1,024, instead
-  of VGG-19 for 200 epochs;
+  1,024, instead of VGG-19 for 200 epochs;
 - crafting: CAF-PGD, 20 steps of 2/255 (eps 8/255) on 20,000 training images, not 100 steps
   of 0.01 on all 50,000;
 - denoisers: CAFD (the reference code's feature loss), CAFD with the paper's CAF loss
