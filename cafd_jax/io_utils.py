@@ -35,7 +35,8 @@ def absolute(location: PathLike) -> epath.Path:
 
 
 def normalised(location: PathLike) -> str:
-  """``location`` without a trailing slash or ``..`` parts; a URI keeps its ``scheme://``."""
+  """``location`` without a trailing slash (a local one also without ``..`` parts); a URI
+  keeps its ``scheme://``."""
   return os.fspath(path(location)) if not is_local(location) else os.path.normpath(location)
 
 
