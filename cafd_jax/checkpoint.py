@@ -37,6 +37,12 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state: Any) -> None:
         f"written before are intact") from None
 
 
+def _error_kind(error: BaseException) -> str:
+  """The built-in class an Orbax/TensorStore error derives from (JSONDecodeError -> ValueError):
+  which file of a damaged checkpoint fails first varies by file system and Orbax version."""
+  return next(kind.__name__ for kind in type(error).__mro__ if kind.__module__ == "builtins")
+
+
 class _NeverRetrievedFilter(logging.Filter):
   """Drops asyncio's "... exception was never retrieved" records (a failed restore's reads)."""
 
@@ -103,7 +109,7 @@ def restore_latest(checkpoints: ocp.CheckpointManager, template: Any,
     try:
       state = checkpoints.restore(step, args=ocp.args.StandardRestore(template))
     except Exception as error:  # pylint: disable=broad-except  # Orbax raises many types.
-      damaged.append(f"{step} ({type(error).__name__})")
+      damaged.append(f"{step} ({_error_kind(error)})")
       where = ""
       if move_damaged:
         moved = f"{io_utils.normalised(directory)}.damaged-{step}"
@@ -111,7 +117,7 @@ def restore_latest(checkpoints: ocp.CheckpointManager, template: Any,
         checkpoints.reload()
         where = f"; moved to {moved}"
       print(f"[checkpoint] warning: {directory}/{step} is unreadable "
-            f"({type(error).__name__}); skipped{where}, nothing deleted", flush=True)
+            f"({_error_kind(error)}); skipped{where}, nothing deleted", flush=True)
       continue
     return step, state
   if damaged:

@@ -163,6 +163,17 @@ def test_a_damaged_latest_checkpoint_falls_back_and_training_reproduces_the_resu
     np.testing.assert_array_equal(got, want)
 
 
+def test_damage_is_named_by_its_builtin_class():
+  """Which file of a damaged checkpoint fails first varies by file system (seen in CI: a JSON
+  file, JSONDecodeError; here: an array, ValueError); the message names the stable kind."""
+  assert checkpoint._error_kind(json.JSONDecodeError("bad", "garbage", 0)) == "ValueError"
+
+  class StoreMissing(FileNotFoundError):
+    pass
+
+  assert checkpoint._error_kind(StoreMissing()) == "FileNotFoundError"
+
+
 def test_readers_skip_a_damaged_checkpoint_and_stop_only_when_none_is_intact(
     tiny_config, tmp_path, capsys):
   directory = tmp_path / "ckpt"
