@@ -189,18 +189,25 @@ def measure(config: ml_collections.ConfigDict, num_train: int, num_test: int, nu
   steps_per_epoch = sizes["craft"] // train.batch_size
   denoiser_batch = _random_batch(train.batch_size, size, num_classes, 3)
   denoiser_batch = (np.clip(denoiser_batch[0] + 8 / 255, 0, 1),) + denoiser_batch
+
+  def batch_of(name):  # with the natural images' targets when the pipeline precomputes them
+    target_fn = pipeline.natural_target_fn(config, classifier, name)
+    if target_fn is None:
+      return denoiser_batch
+    return denoiser_batch + (np.asarray(target_fn(variables, *denoiser_batch[1:])),)
+
   if "train_denoiser" in stages:
     states = factory.denoiser_states(config, jax.random.key(3), steps_per_epoch, dtype)
     add(_train_step_time("train_denoiser", "denoiser + discriminator step",
                          denoiser_train.make_step_fn(pipeline.denoiser_step(config, classifier)),
-                         states, denoiser_batch, variables,
+                         states, batch_of("cafd"), variables,
                          train.num_epochs * steps_per_epoch, mesh, config, repeats))
   if "train_baselines" in stages:
     for name in pipeline.baselines_to_train(config):
       state, step = pipeline.baseline_state_and_step(config, classifier, name,
                                                      jax.random.key(4), steps_per_epoch)
       add(_train_step_time("train_baselines", f"{name} denoiser step",
-                           denoiser_train.make_step_fn(step), state, denoiser_batch, variables,
+                           denoiser_train.make_step_fn(step), state, batch_of(name), variables,
                            train.num_epochs * steps_per_epoch, mesh, config, repeats))
   if "evaluate" in stages:
     for row in evaluation_times(config, classifier, variables, sizes["eval"], num_classes,

@@ -160,6 +160,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_adversary(config, "denoiser", "white_box")
   _positive("config.eval.batch_size", config.eval.batch_size)
   _non_negative("config.denoiser.caf_weight", config.denoiser.caf_weight)
+  _require(isinstance(config.denoiser.get("precompute_targets", True), bool),
+           f"config.denoiser.precompute_targets must be True or False, got "
+           f"{config.denoiser.get('precompute_targets')!r}.")
   _non_negative("config.denoiser.gan_weight", config.denoiser.gan_weight)
   _check_names("config.eval.attacks", config.eval.attacks, evaluate.ATTACKS)
   if config.eval.get("transfer_attacks", ""):

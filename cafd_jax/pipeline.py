@@ -393,6 +393,54 @@ def _denoiser_lineage(config, workdir: str, crafted_set: data.Dataset) -> dict:
           "crafted_with_classifier_step": crafted_with.get("classifier_step")}
 
 
+def _caf_kind(config: ml_collections.ConfigDict, name: str) -> str | None:
+  """The CAF kind denoiser ``name``'s loss compares (None: not a CAF loss)."""
+  return {"cafd": config.caf.loss_kind,
+          denoiser_train.CAF_LOSS_DENOISER: denoiser_train.CAF_LOSS_KIND}.get(name)
+
+
+def natural_target_fn(config: ml_collections.ConfigDict, classifier, name: str) -> Callable | None:
+  """``denoiser_train.make_target_fn`` for denoiser ``name`` of ``config``; None when
+  ``denoiser.precompute_targets`` is off or ``name`` has no target (pixel)."""
+  if not config.denoiser.get("precompute_targets", True):
+    return None
+  caf_kind = _caf_kind(config, name)
+  options = {} if caf_kind is None else denoiser_train.caf_options(config.caf, caf_kind)
+  return denoiser_train.make_target_fn(classifier, name, caf_kind=options.pop("kind", None),
+                                       **options)
+
+
+def natural_targets(config: ml_collections.ConfigDict, classifier, classifier_variables: dict,
+                    name: str, train_set: data.Dataset, stage: str,
+                    checkpoint_dir: str) -> np.ndarray | None:
+  """The classifier-side targets of denoiser ``name``'s loss for every natural image of
+  ``train_set`` (``denoiser_train.make_target_fn``), computed once so that the train steps
+  skip that classifier pass; None when ``denoiser.precompute_targets`` is off, ``name`` has
+  none (pixel) or its training in ``checkpoint_dir`` is complete."""
+  planned = config.denoiser.num_epochs * _steps_per_epoch(train_set.num_global,
+                                                         config.denoiser.batch_size)
+  target_fn = natural_target_fn(config, classifier, name)
+  if target_fn is None or (checkpoint.latest_step(checkpoint_dir) or 0) >= planned:
+    return None
+  start, batch = time.time(), config.eval.batch_size
+  images, labels = train_set.images, train_set.labels
+  targets = np.concatenate([
+      np.asarray(target_fn(classifier_variables, jax.numpy.asarray(images[i:i + batch]),
+                           jax.numpy.asarray(labels[i:i + batch])))
+      for i in range(0, len(images), batch)])
+  print(f"[{stage}] {name}: natural targets precomputed, {len(targets)} x "
+        f"{list(targets.shape[1:])} {targets.dtype} ({targets.nbytes / 2**20:.0f} MiB, "
+        f"{time.time() - start:.0f}s)", flush=True)
+  return targets
+
+
+def _denoiser_arrays(x_adv: np.ndarray, train_set: data.Dataset,
+                     targets: np.ndarray | None) -> tuple[np.ndarray, ...]:
+  """The per-example arrays of a denoiser's ``loop.fit`` (``denoiser_train.make_step_fn``)."""
+  arrays = (x_adv, train_set.images, train_set.labels)
+  return arrays if targets is None else arrays + (targets,)
+
+
 def denoiser_step(config: ml_collections.ConfigDict, classifier,
                   loss_kind: str | None = None) -> Callable:
   """The jitted CAFD denoiser + discriminator step of ``config`` (``make_train_step``), with
@@ -426,9 +474,11 @@ def train_denoiser(config, workdir, train_set: data.Dataset, mesh,
   states = factory.denoiser_states(config, _stage_key(config, "train_denoiser"),
                                    _steps_per_epoch(train_set.num_global, train.batch_size),
                                    factory.training_dtype(config))
+  targets = natural_targets(config, classifier, classifier_variables, "cafd", train_set,
+                            "train_denoiser", checkpoint_dir)
   loop.fit(stage="train_denoiser", state=states,
            step_fn=denoiser_train.make_step_fn(denoiser_step(config, classifier)),
-           frozen=classifier_variables, arrays=(x_adv, train_set.images, train_set.labels),
+           frozen=classifier_variables, arrays=_denoiser_arrays(x_adv, train_set, targets),
            batch_size=train.batch_size, num_epochs=train.num_epochs,
            key=_stage_key(config, "train_denoiser"), checkpoint_dir=checkpoint_dir,
            workdir=workdir, budget=budget, **_fit_options(config, mesh, train_set))
@@ -465,9 +515,11 @@ def train_baselines(config, workdir, train_set: data.Dataset, mesh,
     key = jax.random.fold_in(_stage_key(config, "train_baselines"), index)
     state, step = baseline_state_and_step(
         config, classifier, name, key, _steps_per_epoch(train_set.num_global, train.batch_size))
+    targets = natural_targets(config, classifier, classifier_variables, name, train_set,
+                              f"train_{name}_denoiser", checkpoint_dir)
     loop.fit(stage=f"train_{name}_denoiser", state=state,
              step_fn=denoiser_train.make_step_fn(step), frozen=classifier_variables,
-             arrays=(x_adv, train_set.images, train_set.labels), batch_size=train.batch_size,
+             arrays=_denoiser_arrays(x_adv, train_set, targets), batch_size=train.batch_size,
              num_epochs=train.num_epochs, key=key, checkpoint_dir=checkpoint_dir,
              workdir=workdir, budget=None if budget is None else budget.share(len(names) - index),
              **_fit_options(config, mesh, train_set))

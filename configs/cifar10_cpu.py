@@ -39,8 +39,8 @@ def get_config():
   config = base.get_config()
   config.data.source = "folder:../shared/data/cifar10"
   config.log_every_steps = 100
-  config.max_seconds.update(dict(train_classifier=2700.0, craft=1000.0, train_denoiser=1150.0,
-                                 train_baselines=2500.0, evaluate=1500.0))
+  config.max_seconds.update(dict(train_classifier=2750.0, craft=1050.0, train_denoiser=1010.0,
+                                 train_baselines=2250.0, evaluate=1500.0))
 
   config.model.name = "airbench94"
   config.model.width = 1.0
@@ -83,7 +83,7 @@ def get_config():
   config.eval.threat_models = "unseen,white_box"
   config.eval.adaptive_defenses = "cafd"
   config.eval.adaptive_attacks = "pgd"
-  config.eval.sweep_eps = (2 / 255, 4 / 255, 16 / 255)
+  config.eval.sweep_eps = (4 / 255, 16 / 255)
   config.eval.sweep_threat_models = "unseen"
   config.eval.caf.update(dict(steps=20, step_size=2 / 255))
   config.eval.cw.update(dict(steps=20, binary_search_steps=1))

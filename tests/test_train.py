@@ -89,3 +89,37 @@ def test_label_smoothing_spreads_the_target_over_every_class():
   got = losses.cross_entropy(logits, jnp.asarray([2]), label_smoothing=0.1)
   assert float(got[0]) == pytest.approx(float(want), rel=1e-6)
   assert float(losses.cross_entropy(logits, jnp.asarray([2]))[0]) == pytest.approx(float(-log_p[2]))
+
+
+@pytest.mark.parametrize("name, caf_kind", [("cafd", "features"),
+                                             ("cafd_caf", "weighted_features"), ("hgd", None)])
+def test_precomputed_natural_targets_give_the_same_step(trained_tiny, tiny_config, name,
+                                                        caf_kind):
+  model, variables, test_set, _ = trained_tiny
+  x_natural = jnp.asarray(test_set.images[:20])
+  labels = jnp.asarray(test_set.labels[:20])
+  noise = jax.random.uniform(jax.random.key(0), x_natural.shape, minval=-0.03, maxval=0.03)
+  x_adv = jnp.clip(x_natural + noise, 0, 1)
+  if caf_kind is None:
+    step = denoiser_train.make_baseline_train_step(model, name)
+    fresh = lambda: factory.baseline_denoiser_state(tiny_config, jax.random.key(1), 10)
+  else:
+    step = denoiser_train.make_train_step(model, caf_kind=caf_kind, class_source="prediction",
+                                          caf_weight=1e3, gan_weight=5e-3)
+    fresh = lambda: factory.denoiser_states(tiny_config, jax.random.key(1), steps_per_epoch=10)
+  target = denoiser_train.make_target_fn(model, name, caf_kind=caf_kind)(variables, x_natural,
+                                                                        labels)
+  computed, computed_metrics = step(fresh(), variables, x_adv, x_natural, labels)
+  given, given_metrics = step(fresh(), variables, x_adv, x_natural, labels, None, target)
+  np.testing.assert_allclose(given_metrics["loss"], computed_metrics["loss"], rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(given), jax.tree.leaves(computed)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  _, wrong_metrics = step(fresh(), variables, x_adv, x_natural, labels, None, target + 1.0)
+  assert abs(float(wrong_metrics["loss"]) - float(computed_metrics["loss"])) > 1e-3
+
+
+def test_the_pixel_denoiser_has_no_natural_target(trained_tiny):
+  model = trained_tiny[0]
+  assert denoiser_train.make_target_fn(model, "pixel") is None
+  with pytest.raises(ValueError, match="caf_kind"):
+    denoiser_train.make_target_fn(model, "cafd")

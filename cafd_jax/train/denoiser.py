@@ -10,6 +10,11 @@
 
 The target classifier is frozen (BatchNorm in inference mode) throughout.
 
+The natural image's side of each loss (its CAF for CAFD, its logits for HGD) depends on nothing
+that trains: ``make_target_fn`` computes it once per stage (``denoiser.precompute_targets``) and
+the steps take it as ``natural_target``, which spares one classifier pass per step; without it
+a step computes it itself.
+
 With a ``WhiteBoxAdversary`` (``config.denoiser.adversary=white_box``), the CAFD step crafts a
 share of each batch's adversarial inputs itself, by L-inf PGD on the cross-entropy of the whole
 defended model (classifier after the current denoiser, end to end), in place of the
@@ -83,18 +88,41 @@ def white_box_examples(denoiser_state: common.TrainState, classifier: nn.Module,
                                    step_size=adversary.step_size, steps=adversary.steps)
 
 
+def make_target_fn(classifier: nn.Module, name: str, caf_kind: str | None = None,
+                   class_source: str = "prediction", weights: str = "cam",
+                   feature_layer: str = taps.DEFAULT_LAYER) -> Callable | None:
+  """A jitted ``target(classifier_variables, x_natural, labels)``: what the loss of denoiser
+  ``name`` compares the denoised image with on the classifier's side (CAFD and ``cafd_caf``:
+  the natural image's CAF of ``caf_kind`` at the features' size; ``hgd``: its logits); None for
+  ``pixel``, whose target is the natural image itself."""
+  if name == "pixel":
+    return None
+  if name == "hgd":
+    return jax.jit(lambda variables, x_natural, labels: classifier.apply(variables, x_natural))
+  if caf_kind is None:
+    raise ValueError(f"denoiser {name!r} compares CAFs: pass its caf_kind")
+
+  def target(classifier_variables, x_natural, labels):
+    return classifier_caf_fn(classifier, classifier_variables, caf_kind, class_source, weights,
+                             feature_layer, upsample=False)(x_natural, labels)
+
+  return jax.jit(target)
+
+
 def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
                     caf_weight: float, gan_weight: float, weights: str = "cam",
                     feature_layer: str = taps.DEFAULT_LAYER,
                     adversary: WhiteBoxAdversary | None = None) -> Callable:
-  """A jitted ``step(states, classifier_variables, x_adv, x_natural, labels, key=None)``;
-  ``weights`` and ``feature_layer`` choose the CAF's class weights and features
-  (``classifier_caf_fn``). With an ``adversary``, the first ``adversary.count(batch)``
-  examples of ``x_adv`` are replaced by white-box examples crafted with ``key``."""
+  """A jitted ``step(states, classifier_variables, x_adv, x_natural, labels, key=None,
+  natural_target=None)``; ``weights`` and ``feature_layer`` choose the CAF's class weights and
+  features (``classifier_caf_fn``); ``natural_target`` is the natural images' CAF from
+  ``make_target_fn`` with the same options (computed here when None). With an ``adversary``,
+  the first ``adversary.count(batch)`` examples of ``x_adv`` are replaced by white-box examples
+  crafted with ``key``."""
 
   def step(states: DenoiserStates, classifier_variables: dict, x_adv: jnp.ndarray,
-           x_natural: jnp.ndarray, labels: jnp.ndarray,
-           key: jax.Array | None = None) -> tuple[DenoiserStates, dict]:
+           x_natural: jnp.ndarray, labels: jnp.ndarray, key: jax.Array | None = None,
+           natural_target: jnp.ndarray | None = None) -> tuple[DenoiserStates, dict]:
     denoiser_state, disc_state = states
     metrics = {}
     if adversary is not None:
@@ -107,7 +135,8 @@ def make_train_step(classifier: nn.Module, *, caf_kind: str, class_source: str,
       metrics["online_linf"] = jnp.max(jnp.abs(online - x_natural[:count]))
     caf_fn = classifier_caf_fn(classifier, classifier_variables, caf_kind, class_source, weights,
                                feature_layer, upsample=False)
-    natural_caf = jax.lax.stop_gradient(caf_fn(x_natural, labels))
+    natural_caf = jax.lax.stop_gradient(
+        caf_fn(x_natural, labels) if natural_target is None else natural_target)
     real_logits = disc_state.apply_fn({"params": disc_state.params}, x_natural)
 
     def denoiser_loss(params):
@@ -146,29 +175,34 @@ CAF_LOSS_KIND = "weighted_features"
 
 
 def baseline_loss(classifier: nn.Module, classifier_variables: dict, name: str,
-                  denoised: jnp.ndarray, x_natural: jnp.ndarray) -> jnp.ndarray:
-  """The scalar training loss of a baseline denoiser (see module docstring)."""
+                  denoised: jnp.ndarray, x_natural: jnp.ndarray,
+                  natural_target: jnp.ndarray | None = None) -> jnp.ndarray:
+  """The scalar training loss of a baseline denoiser (see module docstring); ``natural_target``
+  is ``make_target_fn``'s (computed here when None)."""
   if name == "pixel":
     return jnp.mean(losses.per_example_mse(denoised, x_natural))
   if name == "hgd":
     logits = lambda images: classifier.apply(classifier_variables, images)
-    target = jax.lax.stop_gradient(logits(x_natural))
+    target = jax.lax.stop_gradient(logits(x_natural) if natural_target is None
+                                   else natural_target)
     return jnp.mean(jnp.abs(logits(denoised) - target))
   raise ValueError(f"unknown baseline denoiser {name!r}; choose from {BASELINES}")
 
 
 def make_baseline_train_step(classifier: nn.Module, name: str) -> Callable:
-  """A jitted ``step(state, classifier_variables, x_adv, x_natural, labels)`` for a baseline."""
+  """A jitted ``step(state, classifier_variables, x_adv, x_natural, labels, key=None,
+  natural_target=None)`` for a baseline."""
 
   def step(state: common.TrainState, classifier_variables: dict, x_adv: jnp.ndarray,
-           x_natural: jnp.ndarray, labels: jnp.ndarray,
-           key: jax.Array | None = None) -> tuple[common.TrainState, dict]:
+           x_natural: jnp.ndarray, labels: jnp.ndarray, key: jax.Array | None = None,
+           natural_target: jnp.ndarray | None = None) -> tuple[common.TrainState, dict]:
     del labels, key  # the baselines need no class and draw nothing
 
     def loss_fn(params):
       denoised, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                          x_adv, train=True, mutable=["batch_stats"])
-      loss = baseline_loss(classifier, classifier_variables, name, denoised, x_natural)
+      loss = baseline_loss(classifier, classifier_variables, name, denoised, x_natural,
+                           natural_target)
       return loss, (denoised, updates["batch_stats"])
 
     (loss, (denoised, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -181,9 +215,10 @@ def make_baseline_train_step(classifier: nn.Module, name: str) -> Callable:
 
 def make_step_fn(train_step: Callable):
   """A denoiser train step in the (state, batch, key, frozen) form of ``loop.fit``; ``frozen`` is
-  the classifier's variables."""
+  the classifier's variables; a batch is (x_adv, x_natural, labels) or, with the natural
+  images' targets precomputed, (x_adv, x_natural, labels, natural_target)."""
   def step_fn(states, batch, key, classifier_variables):
-    x_adv, x_natural, labels = batch
+    x_adv, x_natural, labels, *target = batch
     return train_step(states, classifier_variables, jnp.asarray(x_adv), jnp.asarray(x_natural),
-                      jnp.asarray(labels), key)
+                      jnp.asarray(labels), key, jnp.asarray(target[0]) if target else None)
   return step_fn
