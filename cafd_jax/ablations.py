@@ -3,11 +3,9 @@
     python -m cafd_jax.ablations runs/ablations/BASE [--out table.md]
 """
 
-import argparse
 import os
-from typing import Callable, Sequence
 
-from cafd_jax import io_utils
+from cafd_jax import io_utils, report
 from configs import ablations
 
 COLUMNS = ("variant", "denoiser", "clean", "PGD unseen", "PGD white-box", "no defense: PGD",
@@ -15,17 +13,15 @@ COLUMNS = ("variant", "denoiser", "clean", "PGD unseen", "PGD white-box", "no de
 
 
 def _accuracy(results: list[dict], attack: str, defense: str, threat_model: str) -> str:
-  found = [row["accuracy"] for row in results if (row["attack"], row["defense"],
-                                                 row["threat_model"]) == (attack, defense,
-                                                                          threat_model)]
-  return f"{100 * found[0]:.1f}" if found else "-"
+  row = report.find_row(results, attack, defense, threat_model)
+  return report.percent_text(row, interval=False) if row else "-"
 
 
-def row_of(variant: str, report: dict) -> list[str]:
+def row_of(variant: str, variant_report: dict) -> list[str]:
   """One table row from a variant's report.json."""
-  results = report["results"]
+  results = variant_report["results"]
   defense = next(row["defense"] for row in results if row["defense"] != "none")
-  seconds = report.get("metadata", {}).get("stage_seconds", {})
+  seconds = variant_report.get("metadata", {}).get("stage_seconds", {})
   train_seconds = seconds.get("train_denoiser", seconds.get("train_baselines"))
   return [variant, defense, _accuracy(results, "none", defense, "unseen"),
           _accuracy(results, "pgd", defense, "unseen"),
@@ -50,21 +46,9 @@ def table(root: str) -> str:
   return "\n".join(lines)
 
 
-def table_command(table_fn: Callable[[str], str], description: str, root_help: str,
-                  argv: Sequence[str] | None = None) -> None:
-  """``python -m MODULE ROOT [--out FILE]``: prints ``table_fn(ROOT)``, also into FILE."""
-  parser = argparse.ArgumentParser(description=description)
-  parser.add_argument("root", help=root_help)
-  parser.add_argument("--out", default="", help="also write the table to this file")
-  args = parser.parse_args(argv)
-  text = table_fn(args.root)
-  print(text)
-  if args.out:
-    io_utils.write_text(args.out, text + "\n")
-
-
 def main() -> None:
-  table_command(table, __doc__.splitlines()[0], "runs/ablations/BASE: one workdir per variant")
+  report.table_command(table, __doc__.splitlines()[0],
+                       "runs/ablations/BASE: one workdir per variant")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,19 @@
 ``write`` stores the results in DIR/report.json and calls ``render``, which draws everything
 else (report.md, DIR/figures/*.png) from the workdir's files alone, so
 ``--config.stages=report`` rebuilds the same outputs without recomputing anything.
+
+    python -m cafd_jax.report DIR [--out table.md]
+
+prints DIR's accuracy table in % with each cell's 95% Wilson interval.
 """
 
+import argparse
 import io
 import math
 import os
 import platform
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -41,8 +46,29 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
   return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def markdown_table(results: Sequence[dict]) -> str:
-  """Accuracy table: a row per (model, attack, eps, threat model), a column per defense.
+def find_row(results: Sequence[dict], attack: str, defense: str, threat_model: str,
+             eps: float | None = None) -> dict | None:
+  """The first result of the run's own target (not a transfer target, ``NAME@WORKDIR``) for
+  that attack, defense, threat model and, when given, eps; None if the grid has none."""
+  for row in results:
+    if ("@" not in str(row.get("model", ""))
+        and (row["attack"], row["defense"], row["threat_model"]) == (attack, defense, threat_model)
+        and (eps is None or math.isclose(row.get("eps") or 0.0, eps, abs_tol=1e-9))):
+      return row
+  return None
+
+
+def percent_text(row: dict, interval: bool = True) -> str:
+  """A result's accuracy in %, with its 95% Wilson interval: "81.6 (79.8-83.3)"."""
+  if not interval:
+    return f"{100 * row['accuracy']:.1f}"
+  low, high = wilson_interval(row["accuracy"], row["n"])
+  return f"{100 * row['accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+
+
+def markdown_table(results: Sequence[dict], intervals: bool = False) -> str:
+  """Accuracy table: a row per (model, attack, eps, threat model), a column per defense; with
+  ``intervals``, each cell in % with its 95% Wilson interval.
 
   The model column appears only when the rows name more than one target model.
   """
@@ -58,12 +84,18 @@ def markdown_table(results: Sequence[dict]) -> str:
     cells = []
     for defense in defenses:
       row = table.get((model, attack, eps, threat, defense))
-      mark = " (bpda)" if row and row.get("gradient") == "bpda" else ""
-      cells.append(f"{row['accuracy']:.4f}{mark}" if row else "-")
+      if row is None:
+        cells.append("-")
+        continue
+      mark = " (bpda)" if row.get("gradient") == "bpda" else ""
+      cells.append((percent_text(row) if intervals else f"{row['accuracy']:.4f}") + mark)
     eps_cell = _eps_text(eps) if attack != "none" else "-"
     lead = f"| {model} " if with_model else ""
     lines.append(f"{lead}| {attack} | {eps_cell} | {threat} | " + " | ".join(cells) + " |")
   n = sorted({row["n"] for row in results})
+  if intervals:
+    return ("\n".join(lines) + f"\n\nAccuracy in % on n = {', '.join(map(str, n))} test "
+            f"images, with its 95% Wilson interval.\n")
   widest = max((interval[1] - interval[0]) / 2 for interval in
                (wilson_interval(row["accuracy"], row["n"]) for row in results))
   return ("\n".join(lines) + f"\n\nAccuracy on n = {', '.join(map(str, n))} test images; "
@@ -154,3 +186,30 @@ def render(workdir: str, draw_figures: bool = True) -> None:
   io_utils.write_text(os.path.join(workdir, REPORT_MD),
                       "# CAFD evaluation\n\n" + markdown_table(results) + "\n" +
                       integrity_section(findings) + "\n" + figures_section(written))
+
+
+def table_command(table_fn: Callable[[str], str], description: str, root_help: str,
+                  argv: Sequence[str] | None = None) -> None:
+  """``python -m MODULE ROOT [--out FILE]``: prints ``table_fn(ROOT)``, also into FILE; a
+  ReportError ends in its one line."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("root", help=root_help)
+  parser.add_argument("--out", default="", help="also write the table to this file")
+  args = parser.parse_args(argv)
+  try:
+    text = table_fn(args.root)
+  except ReportError as error:
+    raise SystemExit(f"error: {error}") from None
+  print(text)
+  if args.out:
+    io_utils.write_text(args.out, text + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  table_command(lambda workdir: markdown_table(load(workdir)["results"], intervals=True),
+                "A workdir's accuracy table in % with 95% Wilson intervals.",
+                "a workdir with report.json", argv)
+
+
+if __name__ == "__main__":
+  main()

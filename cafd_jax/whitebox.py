@@ -6,7 +6,7 @@
 
 import os
 
-from cafd_jax import ablations, io_utils, report
+from cafd_jax import io_utils, report
 
 # (row label, variant workdir, defense); the undefended classifier's rows are the same model
 # under every threat model, so its white-box cells read its unseen rows.
@@ -25,15 +25,9 @@ TRAIN_STAGES = {"denoisers": None, "adaptive_cafd": "train_denoiser",
 
 def _cell(results: list[dict], attack: str, defense: str, threat_model: str) -> str:
   """Accuracy in % with its 95% Wilson interval, or "-" where the grid has no such row."""
-  if defense == "none":
-    threat_model = "unseen"
-  found = [row for row in results if "@" not in str(row.get("model", ""))
-           and (row["attack"], row["defense"], row["threat_model"]) == (attack, defense,
-                                                                        threat_model)]
-  if not found:
-    return "-"
-  low, high = report.wilson_interval(found[0]["accuracy"], found[0]["n"])
-  return f"{100 * found[0]['accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+  row = report.find_row(results, attack, defense,
+                        "unseen" if defense == "none" else threat_model)
+  return report.percent_text(row) if row else "-"
 
 
 def row_of(label: str, variant: str, defense: str, variant_report: dict) -> list[str]:
@@ -61,8 +55,8 @@ def table(root: str) -> str:
 
 
 def main() -> None:
-  ablations.table_command(table, __doc__.splitlines()[0],
-                          "runs/whitebox/BASE: one workdir per variant")
+  report.table_command(table, __doc__.splitlines()[0],
+                       "runs/whitebox/BASE: one workdir per variant")
 
 
 if __name__ == "__main__":

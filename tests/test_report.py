@@ -116,3 +116,23 @@ def test_wilson_intervals_match_published_values_and_reach_the_table():
   rows = [{"attack": "pgd", "defense": "cafd", "threat_model": "unseen", "eps": 8 / 255,
            "accuracy": 0.5, "n": 2000}]
   assert "within ±2.2 points" in report.markdown_table(rows)
+
+
+def test_find_row_takes_the_own_target_at_the_asked_eps():
+  rows = [dict(row, model="resnet18@other", accuracy=0.0) for row in _rows()] + _rows()
+  assert report.find_row(rows, "pgd", "cafd", "unseen")["accuracy"] == 0.8  # first eps, own model
+  assert report.find_row(rows, "pgd", "cafd", "unseen", eps=8 / 255)["accuracy"] == 0.7
+  assert report.find_row(rows, "pgd", "cafd", "bpda") is None
+  assert report.percent_text({"accuracy": 0.5, "n": 100}) == "50.0 (40.4-59.6)"
+  assert report.percent_text({"accuracy": 0.5, "n": 100}, interval=False) == "50.0"
+
+
+def test_the_table_command_prints_intervals_and_fails_in_one_line(tmp_path, capsys):
+  report.write(str(tmp_path), {}, _rows(), draw_figures=False)
+  out_file = tmp_path / "table.md"
+  report.main([str(tmp_path), "--out", str(out_file)])
+  printed = capsys.readouterr().out
+  assert "| pgd | 8/255 | white_box | - | 20.0 (13.3-28.9) |" in printed
+  assert printed.strip() == out_file.read_text().strip()
+  with pytest.raises(SystemExit, match=r"^error: .*run the evaluate stage first"):
+    report.main([str(tmp_path / "missing")])

@@ -118,8 +118,9 @@ def test_precomputed_natural_targets_give_the_same_step(trained_tiny, tiny_confi
   assert abs(float(wrong_metrics["loss"]) - float(computed_metrics["loss"])) > 1e-3
 
 
-def test_the_pixel_denoiser_has_no_natural_target(trained_tiny):
+def test_only_hgd_and_caf_losses_have_a_natural_target(trained_tiny):
   model = trained_tiny[0]
   assert denoiser_train.make_target_fn(model, "pixel") is None
-  with pytest.raises(ValueError, match="caf_kind"):
-    denoiser_train.make_target_fn(model, "cafd")
+  assert denoiser_train.make_target_fn(model, "a_users_own_loss") is None
+  assert denoiser_train.make_target_fn(model, "hgd") is not None
+  assert denoiser_train.make_target_fn(model, "cafd", caf_kind="features") is not None

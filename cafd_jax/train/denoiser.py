@@ -92,15 +92,14 @@ def make_target_fn(classifier: nn.Module, name: str, caf_kind: str | None = None
                    class_source: str = "prediction", weights: str = "cam",
                    feature_layer: str = taps.DEFAULT_LAYER) -> Callable | None:
   """A jitted ``target(classifier_variables, x_natural, labels)``: what the loss of denoiser
-  ``name`` compares the denoised image with on the classifier's side (CAFD and ``cafd_caf``:
-  the natural image's CAF of ``caf_kind`` at the features' size; ``hgd``: its logits); None for
-  ``pixel``, whose target is the natural image itself."""
-  if name == "pixel":
-    return None
+  ``name`` compares the denoised image with on the classifier's side (``hgd``: the natural
+  image's logits; with a ``caf_kind``, CAFD's: its CAF of that kind at the features' size);
+  None when there is nothing to precompute (``pixel``, whose target is the image itself, or a
+  loss this does not know: its step computes what it needs)."""
   if name == "hgd":
     return jax.jit(lambda variables, x_natural, labels: classifier.apply(variables, x_natural))
   if caf_kind is None:
-    raise ValueError(f"denoiser {name!r} compares CAFs: pass its caf_kind")
+    return None
 
   def target(classifier_variables, x_natural, labels):
     return classifier_caf_fn(classifier, classifier_variables, caf_kind, class_source, weights,
