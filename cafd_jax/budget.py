@@ -97,11 +97,8 @@ def stage_seconds(config: Any, stage: str) -> float:
 
 def read_records(workdir: str) -> dict[str, dict]:
   """DIR/stages.json: the latest record of each stage run in this workdir ({} if none)."""
-  path = os.path.join(workdir, STAGES_FILE)
-  if not io_utils.path(path).exists():
-    return {}
   try:
-    records = io_utils.read_json(path)
+    records = io_utils.read_json(os.path.join(workdir, STAGES_FILE), missing={})
   except ValueError:
     return {}  # rewritten whole at the next stage's end
   return records if isinstance(records, dict) else {}

@@ -156,6 +156,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(pad_mode in augment.PAD_MODES,
            f"config.classifier.crop_pad_mode must be one of {', '.join(augment.PAD_MODES)}, "
            f"got {pad_mode!r}.")
+  flip = config.classifier.get("flip", "random")
+  _require(flip in augment.FLIP_MODES,
+           f"config.classifier.flip must be one of {', '.join(augment.FLIP_MODES)}, got {flip!r}.")
   _check_adversary(config, "classifier", "pgd")
   _check_adversary(config, "denoiser", "white_box")
   _positive("config.eval.batch_size", config.eval.batch_size)

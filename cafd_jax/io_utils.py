@@ -48,9 +48,15 @@ def rename(source: PathLike, target: PathLike) -> None:
     path(source).rename(target)
 
 
-def read_json(location: PathLike) -> Any:
-  """The JSON value stored at ``location``."""
-  return json.loads(path(location).read_text())
+_REQUIRED = object()  # read_json without a default
+
+
+def read_json(location: PathLike, missing: Any = _REQUIRED) -> Any:
+  """The JSON value stored at ``location``; ``missing`` if given and there is no such file."""
+  file = path(location)
+  if missing is not _REQUIRED and not file.exists():
+    return missing
+  return json.loads(file.read_text())
 
 
 def load_npy(location: PathLike, mmap: bool = False) -> np.ndarray:

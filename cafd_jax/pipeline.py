@@ -17,6 +17,7 @@ and the stage starts afresh.
 """
 
 import collections
+import functools
 import json
 import os
 import re
@@ -28,8 +29,8 @@ import ml_collections
 import numpy as np
 
 from cafd_jax import budget as budgets
-from cafd_jax import (checkpoint, config_checks, data, evaluate, factory, figures, imported,
-                      io_utils, parallel, report)
+from cafd_jax import (augment, checkpoint, config_checks, data, evaluate, factory, figures,
+                      imported, io_utils, parallel, report)
 from cafd_jax import workdir as workdir_guard
 from cafd_jax.models import taps
 from cafd_jax.train import classifier as classifier_train
@@ -143,10 +144,7 @@ def _lineage_path(directory: str) -> str:
 
 def read_lineage(directory: str) -> dict | None:
   """What ``directory``'s contents were made from (None if unrecorded)."""
-  path = _lineage_path(directory)
-  if not io_utils.path(path).exists():
-    return None
-  return io_utils.read_json(path)
+  return io_utils.read_json(_lineage_path(directory), missing=None)
 
 
 def keep_or_supersede(directory: str, lineage: dict, stage: str) -> None:
@@ -192,7 +190,8 @@ def classifier_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int =
   return classifier_train.make_step_fn(train.augment, train.accumulation_steps,
                                        train.get("label_smoothing", 0.0),
                                        train.get("crop_padding", 4), lookahead_steps,
-                                       train.get("crop_pad_mode", "constant"), adversary)
+                                       train.get("crop_pad_mode", "constant"), adversary,
+                                       steps_per_epoch)
 
 
 def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset,
@@ -218,9 +217,12 @@ def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Da
       print(f"[train_classifier] using {train.init_from} as it is (classifier.num_epochs=0)",
             flush=True)
   if train.num_epochs:
+    arrays = (train_set.images, train_set.labels)
+    if train.get("flip", "random") == "alternating":
+      arrays += (augment.first_epoch_flips(len(train_set), config.seed),)
     state = loop.fit(stage="train_classifier", state=state,
                      step_fn=classifier_step_fn(config, steps_per_epoch),
-                     arrays=(train_set.images, train_set.labels), batch_size=train.batch_size,
+                     arrays=arrays, batch_size=train.batch_size,
                      num_epochs=train.num_epochs, key=_stage_key(config, "train_classifier"),
                      checkpoint_dir=checkpoint_dir, workdir=workdir,
                      budget=budget, **_fit_options(config, mesh, train_set))
@@ -422,12 +424,10 @@ def natural_targets(config: ml_collections.ConfigDict, classifier, classifier_va
   target_fn = natural_target_fn(config, classifier, name)
   if target_fn is None or (checkpoint.latest_step(checkpoint_dir) or 0) >= planned:
     return None
-  start, batch = time.time(), config.eval.batch_size
-  images, labels = train_set.images, train_set.labels
-  targets = np.concatenate([
-      np.asarray(target_fn(classifier_variables, jax.numpy.asarray(images[i:i + batch]),
-                           jax.numpy.asarray(labels[i:i + batch])))
-      for i in range(0, len(images), batch)])
+  start = time.time()
+  targets = common.apply_in_batches(functools.partial(target_fn, classifier_variables),
+                                    (train_set.images, train_set.labels),
+                                    config.eval.batch_size)
   print(f"[{stage}] {name}: natural targets precomputed, {len(targets)} x "
         f"{list(targets.shape[1:])} {targets.dtype} ({targets.nbytes / 2**20:.0f} MiB, "
         f"{time.time() - start:.0f}s)", flush=True)
@@ -441,11 +441,11 @@ def _denoiser_arrays(x_adv: np.ndarray, train_set: data.Dataset,
   return arrays if targets is None else arrays + (targets,)
 
 
-def denoiser_step(config: ml_collections.ConfigDict, classifier,
-                  loss_kind: str | None = None) -> Callable:
-  """The jitted CAFD denoiser + discriminator step of ``config`` (``make_train_step``), with
-  the CAF kind ``loss_kind`` (default ``caf.loss_kind``)."""
-  options = denoiser_train.caf_options(config.caf, loss_kind or config.caf.loss_kind)
+def denoiser_step(config: ml_collections.ConfigDict, classifier, name: str = "cafd"
+                  ) -> Callable:
+  """The jitted denoiser + discriminator step (``make_train_step``) of CAFD denoiser ``name``
+  ("cafd" or ``denoiser_train.CAF_LOSS_DENOISER``), with its CAF kind (``_caf_kind``)."""
+  options = denoiser_train.caf_options(config.caf, _caf_kind(config, name))
   return denoiser_train.make_train_step(
       classifier, caf_kind=options.pop("kind"), caf_weight=config.denoiser.caf_weight,
       gan_weight=config.denoiser.gan_weight, adversary=white_box_adversary(config), **options)
@@ -490,7 +490,7 @@ def baseline_state_and_step(config: ml_collections.ConfigDict, classifier, name:
   dtype = factory.training_dtype(config)
   if _is_cafd_pair(name):
     return (factory.denoiser_states(config, key, steps_per_epoch, dtype),
-            denoiser_step(config, classifier, denoiser_train.CAF_LOSS_KIND))
+            denoiser_step(config, classifier, name))
   return (factory.baseline_denoiser_state(config, key, steps_per_epoch, dtype),
           denoiser_train.make_baseline_train_step(classifier, name))
 
@@ -546,10 +546,7 @@ def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
 
 def read_finished_runs(workdir: str) -> dict[str, list[dict]]:
   """The rows of the attack runs an earlier evaluation of ``workdir`` finished (by run id)."""
-  path = os.path.join(workdir, EVAL_RUNS_FILE)
-  if not io_utils.path(path).exists():
-    return {}
-  return io_utils.read_json(path)
+  return io_utils.read_json(os.path.join(workdir, EVAL_RUNS_FILE), missing={})
 
 
 def _run_identity(target: ml_collections.ConfigDict, target_dir: str,

@@ -12,7 +12,9 @@ from cafd_jax import io_utils, report
 # under every threat model, so its white-box cells read its unseen rows.
 ROWS = (("no defense", "denoisers", "none"), ("CAFD", "denoisers", "cafd"),
         ("HGD", "denoisers", "hgd"), ("adaptive CAFD", "adaptive_cafd", "cafd"),
-        ("PGD-AT classifier", "adversarial_classifier", "none"))
+        ("PGD-AT classifier", "adversarial_classifier", "none"),
+        ("adaptive CAFD, strong", "adaptive_cafd_strong", "cafd"),
+        ("PGD-AT classifier, strong's compute", "adversarial_classifier_strong", "none"))
 # (column, attack, threat model)
 CELLS = (("clean", "none", "unseen"), ("PGD unseen", "pgd", "unseen"),
          ("AutoAttack unseen", "autoattack", "unseen"), ("PGD white-box", "pgd", "white_box"),
@@ -20,7 +22,9 @@ CELLS = (("clean", "none", "unseen"), ("PGD unseen", "pgd", "unseen"),
          ("Square white-box", "square", "white_box"))
 COLUMNS = ("defense",) + tuple(column for column, _, _ in CELLS) + ("train s",)
 TRAIN_STAGES = {"denoisers": None, "adaptive_cafd": "train_denoiser",
-                "adversarial_classifier": "train_classifier"}
+                "adversarial_classifier": "train_classifier",
+                "adaptive_cafd_strong": "train_denoiser",
+                "adversarial_classifier_strong": "train_classifier"}
 
 
 def _cell(results: list[dict], attack: str, defense: str, threat_model: str) -> str:

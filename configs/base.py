@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.classifier.augment = True  # random crop (pad crop_padding) + horizontal flip
   config.classifier.crop_padding = 4
   config.classifier.crop_pad_mode = "constant"  # or "reflect" (airbench's)
+  # random: each step flips a random half; alternating (airbench's): a fixed random half in the
+  # first epoch, then every image the other way round than in the epoch before.
+  config.classifier.flip = "random"
   # airbench93/94 only: the first layer whitens 2x2 patches (set from 5,000 training images, then
   # fixed); see cafd_jax/models/airbench.py.
   config.classifier.whiten_patches = False

@@ -14,6 +14,10 @@ denoisers the variants start from. Variants:
   adversarial_classifier  runs/BASE's classifier (classifier.init_from) fine-tuned by PGD
                           adversarial training (classifier.adversary=pgd) for as many
                           example-gradients as adaptive_cafd's training (equal_compute_epochs)
+  adaptive_cafd_strong, adversarial_classifier_strong
+                          the same two with the stronger inner attack STRONG (10 PGD steps on
+                          every example of each batch: no crafted CAF examples left), the
+                          classifier again at the adaptive denoiser's compute
 
 Every variant is evaluated on the same grid: clean, PGD and AutoAttack unseen, white-box (end
 to end through the defense) and BPDA, and the score-based Square attack as a check on masked
@@ -30,7 +34,11 @@ import ml_collections
 from configs import cifar10_cpu, quickstart
 
 BASES = {"quickstart": quickstart, "cifar10_cpu": cifar10_cpu}
-VARIANTS = ("denoisers", "adaptive_cafd", "adversarial_classifier")
+VARIANTS = ("denoisers", "adaptive_cafd", "adversarial_classifier", "adaptive_cafd_strong",
+            "adversarial_classifier_strong")
+STANDARD = dict(eps=8 / 255, step_size=2 / 255, steps=5, fraction=0.5)  # denoiser.white_box
+STRONG = dict(STANDARD, steps=10, fraction=1.0)  # the *_strong variants'
+STRONG_SUFFIX = "_strong"
 CIFAR10_TRAIN_SIZE = 50_000  # what data.num_train = 0 (the whole split) means for both bases
 EVAL_SIZES = {"quickstart": dict(num_examples=500, square_queries=500),
               "cifar10_cpu": dict(num_examples=1000, square_queries=1000)}
@@ -81,7 +89,9 @@ def get_config(arg: str = "quickstart,adaptive_cafd"):
   if variant not in VARIANTS:
     raise ValueError(f"unknown whitebox variant {variant!r}; choose from {','.join(VARIANTS)}.")
   config = BASES[base_name].get_config()
-  config.denoiser.white_box.update(dict(eps=8 / 255, step_size=2 / 255, steps=5, fraction=0.5))
+  strong = variant.endswith(STRONG_SUFFIX)
+  variant = variant.removesuffix(STRONG_SUFFIX)
+  config.denoiser.white_box.update(STRONG if strong else STANDARD)
   config.classifier.pgd.update(dict(eps=8 / 255, step_size=2 / 255, steps=7))
   base_workdir = f"runs/{base_name}"
   if variant == "denoisers":

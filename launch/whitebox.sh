@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 27's comparison on one base config (configs/whitebox.py): plain CAFD and HGD, adaptive
-# CAFD, and PGD adversarial training of the classifier at equal compute; then their table.
+# CAFD and PGD adversarial training of the classifier at equal compute (at the standard and the
+# strong inner attack); then their table.
 #   launch/whitebox.sh quickstart [ROOT]
 #   launch/whitebox.sh cifar10_cpu [ROOT]   (needs ../shared/data/cifar10)
 # ROOT (default runs) holds ROOT/BASE (classifier, crafted set, CAFD and HGD; trained here if
@@ -17,11 +18,13 @@ python main.py --config "configs/$base.py" --workdir "$upstream" \
 echo "== whitebox $base/denoisers"
 python main.py --config "configs/whitebox.py:$base,denoisers" --workdir "$out/denoisers" \
   --config.upstream_workdir="$upstream" --config.eval.denoiser_workdir="$upstream"
-echo "== whitebox $base/adaptive_cafd"
-python main.py --config "configs/whitebox.py:$base,adaptive_cafd" --workdir "$out/adaptive_cafd" \
-  --config.upstream_workdir="$upstream"
-echo "== whitebox $base/adversarial_classifier"
-python main.py --config "configs/whitebox.py:$base,adversarial_classifier" \
-  --workdir "$out/adversarial_classifier" \
-  --config.classifier.init_from="$upstream/checkpoints/classifier"
+for suffix in "" _strong; do
+  echo "== whitebox $base/adaptive_cafd$suffix"
+  python main.py --config "configs/whitebox.py:$base,adaptive_cafd$suffix" \
+    --workdir "$out/adaptive_cafd$suffix" --config.upstream_workdir="$upstream"
+  echo "== whitebox $base/adversarial_classifier$suffix"
+  python main.py --config "configs/whitebox.py:$base,adversarial_classifier$suffix" \
+    --workdir "$out/adversarial_classifier$suffix" \
+    --config.classifier.init_from="$upstream/checkpoints/classifier"
+done
 python -m cafd_jax.whitebox "$out"

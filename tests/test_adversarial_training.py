@@ -131,13 +131,19 @@ def test_whitebox_variants_validate_and_spend_equal_compute(base):
   from configs import whitebox  # pylint: disable=g-import-not-at-top
   for variant in whitebox.VARIANTS:
     config_checks.validate(whitebox.get_config(f"{base},{variant}"))
-  adaptive = whitebox.get_config(f"{base},adaptive_cafd")
-  trained = whitebox.get_config(f"{base},adversarial_classifier")
-  assert adaptive.denoiser.adversary == "white_box" and trained.classifier.adversary == "pgd"
-  per_epoch = whitebox.training_examples(trained) * (trained.classifier.pgd.steps + 1)
-  spent = trained.classifier.num_epochs * per_epoch
-  assert abs(spent - whitebox.adaptive_gradient_evaluations(adaptive)) <= per_epoch / 2 or (
-      trained.classifier.num_epochs == 1)
+  epochs = {}
+  for suffix in ("", whitebox.STRONG_SUFFIX):
+    adaptive = whitebox.get_config(f"{base},adaptive_cafd{suffix}")
+    trained = whitebox.get_config(f"{base},adversarial_classifier{suffix}")
+    assert adaptive.denoiser.adversary == "white_box" and trained.classifier.adversary == "pgd"
+    per_epoch = whitebox.training_examples(trained) * (trained.classifier.pgd.steps + 1)
+    spent = trained.classifier.num_epochs * per_epoch
+    assert abs(spent - whitebox.adaptive_gradient_evaluations(adaptive)) <= per_epoch / 2 or (
+        trained.classifier.num_epochs == 1)
+    epochs[suffix] = (adaptive.denoiser.white_box.steps, trained.classifier.num_epochs)
+  strong = whitebox.get_config(f"{base},adaptive_cafd{whitebox.STRONG_SUFFIX}").denoiser.white_box
+  assert (strong.steps, strong.fraction) == (10, 1.0)
+  assert epochs[whitebox.STRONG_SUFFIX][1] >= epochs[""][1]  # more compute for the anchor too
   with pytest.raises(ValueError, match="variant"):
     whitebox.get_config(f"{base},no_such_variant")
 

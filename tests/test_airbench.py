@@ -152,3 +152,37 @@ def test_lookahead_follows_then_averages_and_copies_back():
   np.testing.assert_allclose(state.slow["batch_stats"]["m"], expected, rtol=1e-6)
   state = step(state, 100.0)  # step 16: no sync
   np.testing.assert_array_equal(state.params["w"], 100.0)
+
+
+def test_alternating_flips_follow_the_epoch_of_the_step():
+  """Epoch 1 (step = steps_per_epoch) mirrors what epoch 0 showed: the same loss when the
+  images come mirrored; a step that ignored the epoch would see them the other way."""
+  images, labels = _blobs(16)
+  mirrored = images[:, :, ::-1]
+  first = jnp.asarray(np.arange(16) % 2, jnp.uint8)
+
+  def loss(batch, step):
+    state = _state(whiten=False).replace(step=step)
+    _, metrics = classifier_train.train_step(
+        state, jnp.asarray(batch), jnp.asarray(labels), jax.random.key(0), True,
+        crop_padding=0, first_epoch_flips=first, steps_per_epoch=4)
+    return float(metrics["loss"])
+
+  assert loss(images, 0) == pytest.approx(loss(mirrored, 4), rel=1e-5)
+  assert loss(images, 3) == pytest.approx(loss(images, 0), rel=1e-5)  # still epoch 0
+  assert loss(images, 0) != pytest.approx(loss(mirrored, 0), rel=1e-3)
+
+
+def test_unknown_flip_mode_is_refused():
+  config = tiny.get_config()
+  config.classifier.flip = "sometimes"
+  with pytest.raises(config_checks.ConfigError, match="classifier.flip"):
+    config_checks.validate(config)
+
+
+def test_alternating_flips_train_the_classifier_stage(tmp_path):
+  from conftest import run_main  # pylint: disable=g-import-not-at-top
+  result = run_main(tmp_path / "work", "--config.stages=train_classifier",
+                    "--config.classifier.flip=alternating", "--config.classifier.num_epochs=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "test accuracy" in result.stdout

@@ -35,3 +35,23 @@ def test_zero_padding_shows_zeros_and_reflect_padding_never_does():
 def test_unknown_pad_mode_is_refused():
   with pytest.raises(ValueError, match="pad_mode"):
     augment.random_crop_flip(jax.random.PRNGKey(0), _images(), 2, "edge")
+
+
+def test_explicit_flips_mirror_exactly_those_images():
+  images = _images(batch=16)
+  flips = jnp.arange(16) % 3 == 0
+  out = np.asarray(augment.random_crop_flip(jax.random.PRNGKey(3), images, 0, "constant", flips))
+  expected = np.where(np.asarray(flips)[:, None, None, None], np.asarray(images)[:, :, ::-1],
+                      np.asarray(images))
+  np.testing.assert_array_equal(out, expected)
+
+
+def test_alternating_flips_mirror_each_image_the_other_way_every_epoch():
+  first = augment.first_epoch_flips(1000, seed=0)
+  assert 0.4 < first.mean() < 0.6  # a random half
+  np.testing.assert_array_equal(first, augment.first_epoch_flips(1000, seed=0))
+  assert not np.array_equal(first, augment.first_epoch_flips(1000, seed=1))
+  flips = [np.asarray(augment.alternating_flips(jnp.asarray(first), epoch)) for epoch in range(4)]
+  np.testing.assert_array_equal(flips[0], first.astype(bool))
+  for previous, current in zip(flips, flips[1:]):
+    np.testing.assert_array_equal(current, ~previous)

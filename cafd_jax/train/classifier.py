@@ -79,14 +79,16 @@ def lookahead(state: common.TrainState, start_step: int, total_steps: int,
 
 @functools.partial(jax.jit, static_argnames=("use_augmentation", "accumulation_steps",
                                              "label_smoothing", "crop_padding",
-                                             "lookahead_steps", "crop_pad_mode", "adversary"),
+                                             "lookahead_steps", "crop_pad_mode", "adversary",
+                                             "steps_per_epoch"),
                    donate_argnums=(0,))
 def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarray,
                key: jax.Array, use_augmentation: bool, accumulation_steps: int = 1,
                label_smoothing: float = 0.0, crop_padding: int = 4,
                lookahead_steps: tuple[int, int] | None = None,
                crop_pad_mode: str = "constant",
-               adversary: tuple[float, float, int] | None = None
+               adversary: tuple[float, float, int] | None = None,
+               first_epoch_flips: jnp.ndarray | None = None, steps_per_epoch: int = 1
                ) -> tuple[common.TrainState, dict]:
   """One optimiser step on a batch; BatchNorm in training mode. With ``lookahead_steps``
   (start step, total steps) and a ``state.slow`` copy, then a ``lookahead`` sync.
@@ -98,10 +100,16 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
   With ``adversary`` (eps, step size, steps), the (augmented) batch is replaced by L-inf PGD
   examples against the current weights (BatchNorm in inference mode; random start): PGD
   adversarial training.
+
+  With ``first_epoch_flips`` (the batch's rows of ``augment.first_epoch_flips``), the flips
+  alternate between epochs of ``steps_per_epoch`` steps instead of being drawn (airbench's).
   """
   chex.assert_rank(images, 4)
   if use_augmentation:
-    images = augment.random_crop_flip(key, images, crop_padding, crop_pad_mode)
+    flips = None
+    if first_epoch_flips is not None:
+      flips = augment.alternating_flips(first_epoch_flips, state.step // steps_per_epoch)
+    images = augment.random_crop_flip(key, images, crop_padding, crop_pad_mode, flips)
   if adversary is not None:
     images = pgd_examples(state, images, labels, jax.random.fold_in(key, 1), *adversary)
 
@@ -151,18 +159,20 @@ def make_step_fn(use_augmentation: bool, accumulation_steps: int = 1,
                  label_smoothing: float = 0.0, crop_padding: int = 4,
                  lookahead_steps: tuple[int, int] | None = None,
                  crop_pad_mode: str = "constant",
-                 adversary: tuple[float, float, int] | None = None):
-  """``train_step`` in the (state, batch, key, frozen) form of ``loop.fit``."""
+                 adversary: tuple[float, float, int] | None = None,
+                 steps_per_epoch: int = 1):
+  """``train_step`` in the (state, batch, key, frozen) form of ``loop.fit``. A batch is (images,
+  labels) or, for alternating flips, (images, labels, first-epoch flips)."""
   def step_fn(state, batch, key, frozen=None):
     del frozen  # the classifier step reads nothing besides its own state
-    images, labels = batch
+    images, labels, *flips = batch
+    flips = jnp.asarray(flips[0]) if flips else None
     return train_step(state, jnp.asarray(images), jnp.asarray(labels), key, use_augmentation,
                       accumulation_steps, float(label_smoothing), int(crop_padding),
-                      lookahead_steps, crop_pad_mode, adversary)
+                      lookahead_steps, crop_pad_mode, adversary, flips, int(steps_per_epoch))
   return step_fn
 
 
 def predict(logits_fn, images: np.ndarray, batch_size: int) -> np.ndarray:
   """Predicted classes for many images, batch by batch."""
-  return np.concatenate([np.asarray(jnp.argmax(logits_fn(jnp.asarray(images[i:i + batch_size])), -1))
-                         for i in range(0, len(images), batch_size)])
+  return common.apply_in_batches(lambda x: jnp.argmax(logits_fn(x), -1), (images,), batch_size)

@@ -1,9 +1,11 @@
-"""Train state, optimisers and learning-rate schedules shared by the training loops."""
+"""Train state, optimisers, learning-rate schedules and batched application shared by the
+training loops."""
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -102,3 +104,10 @@ def variables_of(state: TrainState) -> dict:
   if state.batch_stats:
     return {"params": state.params, "batch_stats": state.batch_stats}
   return {"params": state.params}
+
+
+def apply_in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+  """``fn(*rows)`` over consecutive batches of the rows of ``arrays``, joined in numpy."""
+  return np.concatenate([np.asarray(fn(*(jnp.asarray(array[start:start + batch_size])
+                                         for array in arrays)))
+                         for start in range(0, len(arrays[0]), batch_size)])
