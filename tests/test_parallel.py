@@ -144,7 +144,8 @@ def test_two_processes_each_read_craft_and_train_on_their_own_shard(tmp_path):
   assert len(covered) == len(crafted) == len(to_craft)
   assert np.abs(crafted - covered.images).max() <= config.craft.eps + 1e-6
   # and evaluates the checkpoints the two processes wrote.
-  _run([sys.executable, "main.py"], tmp_path / "run", "--config.stages=evaluate")
+  _run([sys.executable, "main.py"], tmp_path / "run", "--config.stages=evaluate",
+       "--config.data.shard_per_process=True")  # the run's config (else: config drift)
   assert json.loads((tmp_path / "run" / "report.json").read_text())["results"]
 
 

@@ -296,21 +296,24 @@ def test_a_failed_checkpoint_write_keeps_the_earlier_checkpoints(tiny_config, tm
 
 # --- Kill anywhere -------------------------------------------------------------------------------
 
-def _run_and_kill(workdir, overrides, marker: str, delay: float) -> bool:
-  """Starts main.py; once a stdout line starts with ``marker``, waits ``delay`` seconds and
-  sends SIGKILL. Whether it was killed (False: the run ended first)."""
+def _run_and_kill(workdir, overrides, markers: str | tuple[str, ...],
+                  delay: float) -> str | None:
+  """Starts main.py; once a stdout line starts with one of ``markers``, waits ``delay`` seconds
+  and sends SIGKILL. The marker that fired, or None if the run ended first."""
+  markers = (markers,) if isinstance(markers, str) else markers
   command = [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
              *overrides]
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
   for line in process.stdout:
-    if line.startswith(marker):
+    fired = next((marker for marker in markers if line.startswith(marker)), None)
+    if fired:
       time.sleep(delay)
       process.send_signal(signal.SIGKILL)
       process.wait()
-      return process.returncode == -signal.SIGKILL
+      return fired if process.returncode == -signal.SIGKILL else None
   process.wait()
-  return False
+  return None
 
 
 def _leaves(workdir):
@@ -345,16 +348,19 @@ def test_evaluation_killed_mid_grid_keeps_finished_runs_and_gives_the_same_repor
   assert _rows(copy) == _rows(workdir)
 
 
-# (stage, the line that starts its progress output): each stage is killed twice, each time in
-# a fresh invocation at a seeded random delay after that invocation's first such line (the
-# second one resumes the stage from where the first kill left it).
-KILL_POINTS = tuple((stage, marker) for stage, marker in (
+# (stage, the line that starts its progress output), in pipeline order. Each stage is aimed at
+# twice, each time in a fresh invocation killed at a seeded random delay after the first such
+# line (the second resumes the stage from where the first kill left it). A stage may end
+# within the delay (the tiny craft stage can); the next aim at it then finds it complete, so
+# that invocation is killed at the first progress line of the stage it is in.
+STAGE_MARKERS = (
     ("train_classifier", "[train_classifier] step"),
     ("craft", "[craft] chunk"),
     ("train_denoiser", "[train_denoiser] step"),
     ("train_baselines", "[train_pixel_denoiser] step"),
     ("evaluate", "[evaluate]"),
-) for _ in range(2))
+)
+KILL_POINTS = tuple((stage, marker) for stage, marker in STAGE_MARKERS for _ in range(2))
 
 
 @pytest.mark.slow  # about a dozen tiny pipelines (~5 min on 2 cores); `pytest -m slow`
@@ -367,12 +373,15 @@ def test_sigkill_anywhere_then_rerun_reproduces_the_uninterrupted_run(tmp_path):
   killed_dir = tmp_path / "killed"
   rng = np.random.default_rng(25)
   killed = []
+  stage_of = {marker: stage for stage, marker in STAGE_MARKERS}
   for stage, marker in KILL_POINTS:
     delay = float(rng.uniform(0.0, 0.5))
-    if _run_and_kill(killed_dir, overrides, marker, delay):
-      killed.append((stage, marker, round(delay, 3)))
+    later = tuple(m for _, m in STAGE_MARKERS[[s for s, _ in STAGE_MARKERS].index(stage):])
+    fired = _run_and_kill(killed_dir, overrides, later, delay)
+    if fired:
+      killed.append((stage_of[fired], round(delay, 3)))
   print("killed at:", killed)
-  assert {stage for stage, _, _ in killed} == {stage for stage, _ in KILL_POINTS}, killed
+  assert {stage for stage, _ in killed} == set(stage_of.values()), killed
   result = run_main(killed_dir, *overrides)
   assert result.returncode == 0, result.stderr[-3000:]
   for got, want in zip(_leaves(killed_dir), _leaves(straight), strict=True):
