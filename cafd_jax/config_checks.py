@@ -159,6 +159,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   flip = config.classifier.get("flip", "random")
   _require(flip in augment.FLIP_MODES,
            f"config.classifier.flip must be one of {', '.join(augment.FLIP_MODES)}, got {flip!r}.")
+  _require(flip == "random" or config.classifier.augment,
+           f"config.classifier.flip={flip} needs config.classifier.augment=True (without "
+           f"augmentation nothing is flipped).")
   _check_adversary(config, "classifier", "pgd")
   _check_adversary(config, "denoiser", "white_box")
   _positive("config.eval.batch_size", config.eval.batch_size)

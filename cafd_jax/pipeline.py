@@ -395,10 +395,15 @@ def _denoiser_lineage(config, workdir: str, crafted_set: data.Dataset) -> dict:
           "crafted_with_classifier_step": crafted_with.get("classifier_step")}
 
 
-def _caf_kind(config: ml_collections.ConfigDict, name: str) -> str | None:
-  """The CAF kind denoiser ``name``'s loss compares (None: not a CAF loss)."""
-  return {"cafd": config.caf.loss_kind,
+def _caf_loss(config: ml_collections.ConfigDict, name: str) -> tuple[str | None, dict]:
+  """The CAF kind denoiser ``name``'s loss compares and the other options of that loss
+  (``denoiser_train.caf_options``); None and {} when it is not a CAF loss."""
+  kind = {"cafd": config.caf.loss_kind,
           denoiser_train.CAF_LOSS_DENOISER: denoiser_train.CAF_LOSS_KIND}.get(name)
+  if kind is None:
+    return None, {}
+  options = denoiser_train.caf_options(config.caf, kind)
+  return options.pop("kind"), options
 
 
 def natural_target_fn(config: ml_collections.ConfigDict, classifier, name: str) -> Callable | None:
@@ -406,10 +411,8 @@ def natural_target_fn(config: ml_collections.ConfigDict, classifier, name: str) 
   ``denoiser.precompute_targets`` is off or ``name`` has no target (pixel)."""
   if not config.denoiser.get("precompute_targets", True):
     return None
-  caf_kind = _caf_kind(config, name)
-  options = {} if caf_kind is None else denoiser_train.caf_options(config.caf, caf_kind)
-  return denoiser_train.make_target_fn(classifier, name, caf_kind=options.pop("kind", None),
-                                       **options)
+  caf_kind, options = _caf_loss(config, name)
+  return denoiser_train.make_target_fn(classifier, name, caf_kind=caf_kind, **options)
 
 
 def natural_targets(config: ml_collections.ConfigDict, classifier, classifier_variables: dict,
@@ -444,10 +447,10 @@ def _denoiser_arrays(x_adv: np.ndarray, train_set: data.Dataset,
 def denoiser_step(config: ml_collections.ConfigDict, classifier, name: str = "cafd"
                   ) -> Callable:
   """The jitted denoiser + discriminator step (``make_train_step``) of CAFD denoiser ``name``
-  ("cafd" or ``denoiser_train.CAF_LOSS_DENOISER``), with its CAF kind (``_caf_kind``)."""
-  options = denoiser_train.caf_options(config.caf, _caf_kind(config, name))
+  ("cafd" or ``denoiser_train.CAF_LOSS_DENOISER``), with its CAF loss (``_caf_loss``)."""
+  caf_kind, options = _caf_loss(config, name)
   return denoiser_train.make_train_step(
-      classifier, caf_kind=options.pop("kind"), caf_weight=config.denoiser.caf_weight,
+      classifier, caf_kind=caf_kind, caf_weight=config.denoiser.caf_weight,
       gan_weight=config.denoiser.gan_weight, adversary=white_box_adversary(config), **options)
 
 

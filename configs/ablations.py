@@ -20,7 +20,7 @@ PGD and white-box PGD through it. ``launch/ablations.sh`` runs them all and prin
   early_layer    gradcam at the input of the first conv after the first pooling (VGG, airbench)
 
 To fit all variants in about an hour on 2 cores, the denoisers train 4 epochs on quickstart (not
-8) and 1 on cifar10_cpu (not 3), and evaluation uses 250 test images (docs/ablations.md).
+8) and 1 on cifar10_cpu (not 10), and evaluation uses 250 test images (docs/ablations.md).
 """
 
 from cafd_jax import models

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ablations of configs/ablations.py on one base config, then their table.
 #   launch/ablations.sh quickstart [ROOT [VARIANTS]]   (about 5 min per variant on 2 CPU cores)
-#   launch/ablations.sh cifar10_cpu [ROOT [VARIANTS]]  (needs ../shared/data/cifar10; ~6 min each)
+#   launch/ablations.sh cifar10_cpu [ROOT [VARIANTS]]  (needs ../shared/data/cifar10)
 # VARIANTS: comma-separated names of configs/ablations.py (default: all).
 # ROOT (default runs) holds ROOT/BASE (classifier + crafted set, made here if missing) and
 # ROOT/ablations/BASE/VARIANT (one denoiser and its report each). Re-running resumes.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 27's comparison on one base config (configs/whitebox.py): plain CAFD and HGD, adaptive
-# CAFD and PGD adversarial training of the classifier at equal compute (at the standard and the
-# strong inner attack); then their table.
+# CAFD and PGD adversarial training of the classifier at equal compute (at the standard inner
+# attack, and on the quickstart also the strong one); then their table.
 #   launch/whitebox.sh quickstart [ROOT]
 #   launch/whitebox.sh cifar10_cpu [ROOT]   (needs ../shared/data/cifar10)
 # ROOT (default runs) holds ROOT/BASE (classifier, crafted set, CAFD and HGD; trained here if
@@ -18,7 +18,9 @@ python main.py --config "configs/$base.py" --workdir "$upstream" \
 echo "== whitebox $base/denoisers"
 python main.py --config "configs/whitebox.py:$base,denoisers" --workdir "$out/denoisers" \
   --config.upstream_workdir="$upstream" --config.eval.denoiser_workdir="$upstream"
-for suffix in "" _strong; do
+suffixes=("")
+[[ $base == quickstart ]] && suffixes+=(_strong)  # cifar10_cpu: hours more on 2 cores
+for suffix in "${suffixes[@]}"; do
   echo "== whitebox $base/adaptive_cafd$suffix"
   python main.py --config "configs/whitebox.py:$base,adaptive_cafd$suffix" \
     --workdir "$out/adaptive_cafd$suffix" --config.upstream_workdir="$upstream"

@@ -173,11 +173,14 @@ def test_alternating_flips_follow_the_epoch_of_the_step():
   assert loss(images, 0) != pytest.approx(loss(mirrored, 0), rel=1e-3)
 
 
-def test_unknown_flip_mode_is_refused():
+@pytest.mark.parametrize("flip, augmented, needle", [("sometimes", True, "must be one of"),
+                                                      ("alternating", False, "augment=True")])
+def test_bad_flip_settings_are_refused(flip, augmented, needle):
   config = tiny.get_config()
-  config.classifier.flip = "sometimes"
-  with pytest.raises(config_checks.ConfigError, match="classifier.flip"):
+  config.classifier.flip, config.classifier.augment = flip, augmented
+  with pytest.raises(config_checks.ConfigError, match="classifier.flip") as error:
     config_checks.validate(config)
+  assert needle in str(error.value)
 
 
 def test_alternating_flips_train_the_classifier_stage(tmp_path):
