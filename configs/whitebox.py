@@ -31,8 +31,8 @@ deterministic, so EOT (expectation over randomness) would equal the white-box ro
 
 On cifar10_cpu the adaptive denoiser trains ADAPTIVE_EPOCHS["cifar10_cpu"] epochs (its step,
 5 PGD steps through the U-Net and airbench94 on half of each batch, takes about 2 s on 2 cores
-against 0.53 s for plain CAFD's), so that the three standard variants fit in about 1.5 h; the
-strong pair is measured on the quickstart only.
+against 0.53 s for plain CAFD's); the three standard variants then took about 2.5 h on 2
+cores (docs/results.md), and the strong pair is measured on the quickstart only.
 """
 
 import math
