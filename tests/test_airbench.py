@@ -186,6 +186,7 @@ def test_bad_flip_settings_are_refused(flip, augmented, needle):
 def test_alternating_flips_train_the_classifier_stage(tmp_path):
   from conftest import run_main  # pylint: disable=g-import-not-at-top
   result = run_main(tmp_path / "work", "--config.stages=train_classifier",
-                    "--config.classifier.flip=alternating", "--config.classifier.num_epochs=2")
+                    "--config.classifier.flip=alternating", "--config.classifier.augment=True",
+                    "--config.classifier.num_epochs=2")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "test accuracy" in result.stdout
