@@ -130,7 +130,9 @@ def get_config(arg: str = "quickstart,adaptive_cafd"):
     config.classifier.init_from = f"{base_workdir}/checkpoints/classifier"
     config.classifier.num_epochs = epochs
     config.classifier.schedule = "one_cycle"
-    config.classifier.learning_rate /= 10  # fine-tuning a trained classifier
-    config.classifier.lookahead = False
+    config.classifier.learning_rate /= 10  # fine-tuning a trained classifier, so without
+    config.classifier.lookahead = False  # the from-scratch tricks: lookahead and a larger
+    config.classifier.norm_bias_lr_scale = 1.0  # BatchNorm-bias step (64x diverged it)
+    config.log_every_steps = min(config.log_every_steps, 5)  # a few dozen steps on cifar10_cpu
     _evaluation_grid(config, "none")
   return config
