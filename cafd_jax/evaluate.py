@@ -266,7 +266,8 @@ def attack_runs(config: ml_collections.ConfigDict, defense_names: Sequence[str],
                 attack_names: Sequence[str], threat_models: Sequence[str]) -> list[tuple]:
   """The attack runs of the grid in order: (run index, attack, params, threat model, defense
   attacked or None for unseen). The run index (the attack's place in ``attack_names`` + sweep)
-  picks the run's PRNG key, so keys do not depend on which runs are chosen."""
+  picks the run's PRNG key, so keys do not depend on which runs are chosen. A score-based
+  attack (no gradients) runs under ``bpda`` only when ``white_box`` is not in the grid."""
   runs = [(name, attack_params(name, config), threat_models) for name in attack_names]
   sweep = config.eval.get("sweep_attack", "")
   sweep_threats = sweep_threat_models(threat_models, config.eval.get("sweep_threat_models", ""))
@@ -283,6 +284,8 @@ def attack_runs(config: ml_collections.ConfigDict, defense_names: Sequence[str],
       if threat != "unseen" and (name in ("none", "caf")
                                  or (adaptive_attacks and name not in adaptive_attacks)):
         continue
+      if threat == "bpda" and name in registry.SCORE_BASED and "white_box" in threat_models:
+        continue  # no gradient to replace: its BPDA run would repeat the white-box one
       for defense in [None] if threat == "unseen" else adaptive:
         plan.append((run_index, name, params, threat, defense))
   return plan

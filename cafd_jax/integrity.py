@@ -64,7 +64,10 @@ def white_box_not_above_unseen(rows: list[dict], tolerance: float = TOLERANCE) -
 
 def square_not_stronger_than_gradients(rows: list[dict],
                                        margin: float = SQUARE_MARGIN) -> list[dict]:
-  """Gradient-free Square beating every gradient attack by > margin suggests masked gradients."""
+  """Gradient-free Square beating every gradient attack by > margin suggests masked gradients.
+
+  Square under ``white_box`` is held against the white-box and the BPDA gradient attacks of the
+  same defense (a score-based attack has no gradient for BPDA to replace, so it runs once)."""
   gradient = defaultdict(list)
   square = {}
   for row in rows:
@@ -72,7 +75,10 @@ def square_not_stronger_than_gradients(rows: list[dict],
     if row["attack"] in GRADIENT_FREE:
       square[key] = row["accuracy"]
     elif row["attack"] in LINF_GRADIENT_ATTACKS:
-      gradient[key].append((row["accuracy"], row["attack"]))
+      label = row["attack"] if row["threat_model"] != "bpda" else f"{row['attack']} (bpda)"
+      gradient[key].append((row["accuracy"], label))
+      if row["threat_model"] == "bpda":
+        gradient[key[:1] + ("white_box",) + key[2:]].append((row["accuracy"], label))
   findings = []
   for key, square_accuracy in sorted(square.items(), key=str):
     if not gradient.get(key):

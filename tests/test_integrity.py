@@ -46,6 +46,15 @@ def test_square_far_stronger_than_gradients_is_flagged(square_accuracy, expected
                    "square_not_stronger_than_gradients") == [expected]
 
 
+def test_white_box_square_is_held_against_bpda_gradient_attacks_too():
+  rows = [_row("pgd", 0.40, threat="white_box"), _row("pgd", 0.10, threat="bpda"),
+          _row("square", 0.20, threat="white_box")]
+  assert _statuses(integrity.run_checks(rows), "square_not_stronger_than_gradients") == ["ok"]
+  rows[1]["accuracy"] = 0.35  # now Square beats white-box and BPDA PGD alike
+  assert _statuses(integrity.run_checks(rows),
+                   "square_not_stronger_than_gradients") == ["violated"]
+
+
 def test_a_gradient_masking_model_trips_the_square_check(trained_tiny):
   """Rounding the input to 3 levels per pixel zeroes every gradient: PGD stalls, Square works."""
   model, variables, test_set, _ = trained_tiny
