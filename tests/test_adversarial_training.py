@@ -139,6 +139,7 @@ def test_whitebox_variants_validate_and_spend_equal_compute(base):
     trained = whitebox.get_config(f"{base},adversarial_classifier{suffix}")
     assert adaptive.denoiser.adversary == "white_box" and trained.classifier.adversary == "pgd"
     assert trained.classifier.norm_bias_lr_scale == 1.0 and not trained.classifier.lookahead
+    assert trained.classifier.batch_size <= whitebox.FINE_TUNE_BATCH
     per_epoch = whitebox.training_examples(trained) * (trained.classifier.pgd.steps + 1)
     spent = trained.classifier.num_epochs * per_epoch
     target = whitebox.adaptive_gradient_evaluations(adaptive)
