@@ -59,6 +59,9 @@ def _check_adversary(config: ml_collections.ConfigDict, section: str, kind: str)
   fraction = options.get("fraction", 1.0)
   _require(isinstance(fraction, (int, float)) and 0 < fraction <= 1,
            f"config.{section}.{kind}.fraction must be in (0, 1], got {fraction!r}.")
+  ramp = options.get("ramp_fraction", 0.0)
+  _require(isinstance(ramp, (int, float)) and 0 <= ramp <= 1,
+           f"config.{section}.{kind}.ramp_fraction must be in [0, 1], got {ramp!r}.")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

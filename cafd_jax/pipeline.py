@@ -186,7 +186,9 @@ def classifier_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int =
                        train.num_epochs * steps_per_epoch)
   adversary = None
   if train.get("adversary", "none") == "pgd":
-    adversary = (float(train.pgd.eps), float(train.pgd.step_size), int(train.pgd.steps))
+    ramp_steps = round(train.pgd.get("ramp_fraction", 0.0) * train.num_epochs * steps_per_epoch)
+    adversary = (float(train.pgd.eps), float(train.pgd.step_size), int(train.pgd.steps),
+                 ramp_steps)
   return classifier_train.make_step_fn(train.augment, train.accumulation_steps,
                                        train.get("label_smoothing", 0.0),
                                        train.get("crop_padding", 4), lookahead_steps,

@@ -93,9 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.classifier.lookahead_start_epoch = 3
   # pgd: adversarial training of the classifier itself (Madry et al.): each batch is replaced by
   # L-inf PGD examples (classifier.pgd, random start) against the current weights; none: clean.
+  # ramp_fraction: eps and step size grow linearly over that fraction of the training steps.
   config.classifier.adversary = "none"
   config.classifier.pgd = ml_collections.ConfigDict(dict(eps=8 / 255, step_size=2 / 255,
-                                                         steps=7))
+                                                         steps=7, ramp_fraction=0.0))
 
   config.caf = ml_collections.ConfigDict()
   config.caf.attack_kind = "weighted_features"  # weighted_features | cam | features

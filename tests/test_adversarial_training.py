@@ -83,10 +83,29 @@ def test_pgd_examples_raise_the_classifiers_loss_and_the_step_trains(defended):
   loss = lambda x: float(jnp.mean(losses.cross_entropy(model.apply(variables, x), labels)))
   assert float(jnp.max(jnp.abs(attacked - images))) <= 8 / 255 + 1e-6
   assert loss(attacked) > loss(images) + 0.5
-  step = classifier_train.make_step_fn(False, adversary=(8 / 255, 2 / 255, 3))
+  step = classifier_train.make_step_fn(False, adversary=(8 / 255, 2 / 255, 3, 0))
   new_state, metrics = step(state, (images, labels), jax.random.key(2))
   assert np.isfinite(float(metrics["loss"]))
   assert float(metrics["loss"]) > loss(images)  # it trained on the attacked batch
+
+
+def test_a_pgd_ramp_starts_adversarial_training_at_a_small_eps(defended, monkeypatch):
+  model, variables, _, images, labels = defended
+  state = common.create_state(model, jax.random.key(0), images[:1],
+                              common.make_optimizer("adam", 1e-3, weight_decay=0.0))
+  state = state.replace(params=jax.tree.map(jnp.copy, variables["params"]),
+                        batch_stats=jax.tree.map(jnp.copy, variables.get("batch_stats", {})))
+  seen = []
+  attack = classifier_train.pgd_examples
+  monkeypatch.setattr(classifier_train, "pgd_examples",
+                      lambda *args: seen.append(attack(*args)) or seen[-1])
+  for ramp_steps in (0, 4):
+    classifier_train.train_step.__wrapped__(  # unjitted, to see the examples it trains on
+        jax.tree.map(jnp.copy, state), images, labels, jax.random.key(2), False,
+        adversary=(8 / 255, 2 / 255, 3, ramp_steps))
+  full, ramped = (float(jnp.max(jnp.abs(x - images))) for x in seen)
+  assert 0.75 * 8 / 255 < full <= 8 / 255 + 1e-6
+  assert ramped <= 8 / 255 / 4 + 1e-6  # step 1 of 4
 
 
 @pytest.mark.parametrize("section, field, value, needle", [
@@ -97,6 +116,7 @@ def test_pgd_examples_raise_the_classifiers_loss_and_the_step_trains(defended):
     ("denoiser", "fraction", 1.5, "config.denoiser.white_box.fraction"),
     ("classifier", "step_size", -1.0, "config.classifier.pgd.step_size"),
     ("classifier", "steps", -3, "config.classifier.pgd.steps"),
+    ("classifier", "ramp_fraction", 1.5, "config.classifier.pgd.ramp_fraction"),
 ])
 def test_adversary_switches_are_validated(tiny_config, section, field, value, needle):
   kind = {"denoiser": "white_box", "classifier": "pgd"}[section]
@@ -140,6 +160,7 @@ def test_whitebox_variants_validate_and_spend_equal_compute(base):
     assert adaptive.denoiser.adversary == "white_box" and trained.classifier.adversary == "pgd"
     assert trained.classifier.norm_bias_lr_scale == 1.0 and not trained.classifier.lookahead
     assert trained.classifier.batch_size <= whitebox.FINE_TUNE_BATCH
+    assert trained.classifier.pgd.ramp_fraction > 0 and not trained.classifier.whiten_patches
     per_epoch = whitebox.training_examples(trained) * (trained.classifier.pgd.steps + 1)
     spent = trained.classifier.num_epochs * per_epoch
     target = whitebox.adaptive_gradient_evaluations(adaptive)

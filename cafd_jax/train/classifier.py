@@ -87,7 +87,7 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
                label_smoothing: float = 0.0, crop_padding: int = 4,
                lookahead_steps: tuple[int, int] | None = None,
                crop_pad_mode: str = "constant",
-               adversary: tuple[float, float, int] | None = None,
+               adversary: tuple[float, float, int, int] | None = None,
                first_epoch_flips: jnp.ndarray | None = None, steps_per_epoch: int = 1
                ) -> tuple[common.TrainState, dict]:
   """One optimiser step on a batch; BatchNorm in training mode. With ``lookahead_steps``
@@ -97,9 +97,10 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
   (activations of one microbatch in memory at a time) and their mean gradient makes one update:
   the optimiser sees the whole batch; BatchNorm statistics are those of each microbatch.
 
-  With ``adversary`` (eps, step size, steps), the (augmented) batch is replaced by L-inf PGD
-  examples against the current weights (BatchNorm in inference mode; random start): PGD
-  adversarial training.
+  With ``adversary`` (eps, step size, steps, ramp steps), the (augmented) batch is replaced by
+  L-inf PGD examples against the current weights (BatchNorm in inference mode; random start):
+  PGD adversarial training. Over the first ``ramp steps`` updates eps and the step size grow
+  linearly from 1/ramp of their value to all of it (0: full from the start).
 
   With ``first_epoch_flips`` (the batch's rows of ``augment.first_epoch_flips``), the flips
   alternate between epochs of ``steps_per_epoch`` steps instead of being drawn (airbench's).
@@ -111,7 +112,10 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
       flips = augment.alternating_flips(first_epoch_flips, state.step // steps_per_epoch)
     images = augment.random_crop_flip(key, images, crop_padding, crop_pad_mode, flips)
   if adversary is not None:
-    images = pgd_examples(state, images, labels, jax.random.fold_in(key, 1), *adversary)
+    eps, step_size, steps, ramp_steps = adversary
+    scale = jnp.minimum(1.0, (state.step + 1) / ramp_steps) if ramp_steps else 1.0
+    images = pgd_examples(state, images, labels, jax.random.fold_in(key, 1), eps * scale,
+                          step_size * scale, steps)
 
   def loss_fn(params, batch_stats, images, labels):
     logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats},
@@ -144,7 +148,8 @@ def train_step(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarra
 
 
 def pgd_examples(state: common.TrainState, images: jnp.ndarray, labels: jnp.ndarray,
-                 key: jax.Array, eps: float, step_size: float, steps: int) -> jnp.ndarray:
+                 key: jax.Array, eps: float | jax.Array, step_size: float | jax.Array,
+                 steps: int) -> jnp.ndarray:
   """L-inf PGD examples of ``images`` on the cross-entropy of the classifier in ``state``."""
   variables = common.variables_of(state)
 
@@ -159,7 +164,7 @@ def make_step_fn(use_augmentation: bool, accumulation_steps: int = 1,
                  label_smoothing: float = 0.0, crop_padding: int = 4,
                  lookahead_steps: tuple[int, int] | None = None,
                  crop_pad_mode: str = "constant",
-                 adversary: tuple[float, float, int] | None = None,
+                 adversary: tuple[float, float, int, int] | None = None,
                  steps_per_epoch: int = 1):
   """``train_step`` in the (state, batch, key, frozen) form of ``loop.fit``. A batch is (images,
   labels) or, for alternating flips, (images, labels, first-epoch flips)."""
