@@ -16,6 +16,19 @@ def test_shipped_configs_validate(name):
   config_checks.validate(config)
 
 
+def test_cifar10_cpu_transfer_evaluates_the_second_target_behind_the_first_runs_denoisers():
+  transfer = importlib.import_module("configs.cifar10_cpu_transfer")
+  trained, evaluated = transfer.get_config("train"), transfer.get_config("evaluate")
+  config_checks.validate(evaluated)
+  assert trained.stages == "train_classifier" and trained.model.name != evaluated.model.name
+  assert evaluated.stages == "evaluate" and evaluated.eval.transfer_workdirs == (transfer.TARGET,)
+  assert evaluated.upstream_workdir == evaluated.eval.denoiser_workdir == transfer.UPSTREAM
+  assert {"pgd", "autoattack"} <= set(config_checks.split_names(evaluated.eval.transfer_attacks))
+  assert evaluated.eval.num_examples >= 2000 and not evaluated.max_seconds.evaluate
+  with pytest.raises(ValueError, match="train or evaluate"):
+    transfer.get_config("craft")
+
+
 def test_cifar10_cpu_config_covers_what_the_real_run_must_show():
   from conftest import ROOT, SHARED_CIFAR10  # pylint: disable=g-import-not-at-top
   config = importlib.import_module("configs.cifar10_cpu").get_config()
