@@ -544,6 +544,8 @@ def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
     other_config = ml_collections.ConfigDict(io_utils.read_json(path))
     target = ml_collections.ConfigDict(config.to_dict())
     target.model = other_config.model
+    # Its classifier is where its own run keeps it, whatever this run's upstream_workdir.
+    target.upstream_workdir = other_config.get("upstream_workdir", "")
     target.eval.attacks = config.eval.get("transfer_attacks", "") or config.eval.attacks
     targets.append((target, other))
   return targets

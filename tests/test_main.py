@@ -140,6 +140,20 @@ def test_evaluation_grid_covers_threat_models_defenses_and_the_eps_sweep(finishe
           "zero_eps_matches_clean"} <= checks
 
 
+def test_a_transfer_target_is_read_from_its_own_run_not_this_runs_upstream(tmp_path):
+  from cafd_jax import io_utils, pipeline  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.upstream_workdir = str(tmp_path / "upstream")
+  other = tiny.get_config()
+  other.model.name = "resnet18"
+  io_utils.write_json(str(tmp_path / "other" / "config.json"), other.to_dict())
+  config.eval.transfer_workdirs = (str(tmp_path / "other"),)
+  [(target, target_dir)] = pipeline._transfer_targets(config)  # pylint: disable=protected-access
+  assert target.model.name == "resnet18" and target_dir == str(tmp_path / "other")
+  assert pipeline.upstream(target, target_dir) == target_dir
+
+
 def test_baselines_transfer_figures_and_report_rebuild(finished_run, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   workdir, _ = finished_run
