@@ -543,8 +543,9 @@ def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
           f"(main.py --workdir {other} --config.stages=train_classifier).")
     other_config = ml_collections.ConfigDict(io_utils.read_json(path))
     target = ml_collections.ConfigDict(config.to_dict())
-    target.model = other_config.model
-    # Its classifier is where its own run keeps it, whatever this run's upstream_workdir.
+    # Its classifier is where its own run keeps it, whatever this run's upstream_workdir, in
+    # the form its own model and training settings give its checkpoint (optimiser state).
+    target.model, target.classifier = other_config.model, other_config.classifier
     target.upstream_workdir = other_config.get("upstream_workdir", "")
     target.eval.attacks = config.eval.get("transfer_attacks", "") or config.eval.attacks
     targets.append((target, other))

@@ -147,10 +147,12 @@ def test_a_transfer_target_is_read_from_its_own_run_not_this_runs_upstream(tmp_p
   config.upstream_workdir = str(tmp_path / "upstream")
   other = tiny.get_config()
   other.model.name = "resnet18"
+  other.classifier.lookahead = not config.classifier.lookahead  # another checkpoint structure
   io_utils.write_json(str(tmp_path / "other" / "config.json"), other.to_dict())
   config.eval.transfer_workdirs = (str(tmp_path / "other"),)
   [(target, target_dir)] = pipeline._transfer_targets(config)  # pylint: disable=protected-access
   assert target.model.name == "resnet18" and target_dir == str(tmp_path / "other")
+  assert target.classifier.lookahead == other.classifier.lookahead
   assert pipeline.upstream(target, target_dir) == target_dir
 
 
