@@ -10,11 +10,11 @@ test images, in a workdir of its own; that run's own grid is cut to clean accura
 full grid is its own report):
 
     python main.py --config configs/cifar10_cpu_transfer.py --workdir runs/cifar10_cpu_vgg_tiny
-    python main.py --config configs/cifar10_cpu_transfer.py:evaluate \
+    python main.py --config configs/cifar10_cpu_transfer.py:evaluate \\
         --workdir runs/cifar10_cpu_transfer
 
 The second report's rows for model ``vgg_tiny@cifar10_cpu_vgg_tiny`` are the transfer table
-(docs/results.md). The same rows come with the full grid from
+(docs/results.md). Rows of the same kind come beside the full grid from
 ``configs/cifar10_cpu.py --config.eval.transfer_workdirs="('runs/cifar10_cpu_vgg_tiny',)"``.
 """
 
