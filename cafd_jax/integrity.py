@@ -70,15 +70,18 @@ def square_not_stronger_than_gradients(rows: list[dict],
   same defense (a score-based attack has no gradient for BPDA to replace, so it runs once)."""
   gradient = defaultdict(list)
   square = {}
+  fields = ("defense", "threat_model", "model", "eps")
   for row in rows:
-    key = _key(row, "defense", "threat_model", "model", "eps")
+    key = _key(row, *fields)
     if row["attack"] in GRADIENT_FREE:
       square[key] = row["accuracy"]
     elif row["attack"] in LINF_GRADIENT_ATTACKS:
-      label = row["attack"] if row["threat_model"] != "bpda" else f"{row['attack']} (bpda)"
+      label = row["attack"]
+      if row["threat_model"] == "bpda":  # a gradient attack on the white-box model too
+        label = f"{label} (bpda)"
+        gradient[_key(dict(row, threat_model="white_box"), *fields)].append(
+            (row["accuracy"], label))
       gradient[key].append((row["accuracy"], label))
-      if row["threat_model"] == "bpda":
-        gradient[key[:1] + ("white_box",) + key[2:]].append((row["accuracy"], label))
   findings = []
   for key, square_accuracy in sorted(square.items(), key=str):
     if not gradient.get(key):
