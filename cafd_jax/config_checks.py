@@ -97,8 +97,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         continue
       _positive(f"config.{section}.{name}", config[section][name])
     _non_negative(f"config.{section}.weight_decay", config[section].weight_decay)
-  _require(config.classifier.optimizer in ("sgd", "adam"),
-           f"config.classifier.optimizer must be sgd or adam, got {config.classifier.optimizer!r}.")
+  _require(config.classifier.optimizer in ("sgd", "adam", "muon"),
+           "config.classifier.optimizer must be sgd, adam or muon, got "
+           f"{config.classifier.optimizer!r}.")
+  if config.classifier.optimizer == "muon":
+    _positive("config.classifier.muon_learning_rate", config.classifier.muon_learning_rate)
   for name in ("attack_kind", "loss_kind"):
     _require(config.caf[name] in cam.CAF_KINDS,
              f"config.caf.{name} must be one of {','.join(cam.CAF_KINDS)}, got {config.caf[name]!r}.")

@@ -53,7 +53,9 @@ def classifier_state(config: ml_collections.ConfigDict, num_classes: int, key: j
                              weight_decay=train.weight_decay,
                              momentum=train.momentum, nesterov=train.nesterov,
                              frozen=(models.WHITEN_LAYER,) if train.get("whiten_patches") else (),
-                             norm_bias_lr_scale=train.get("norm_bias_lr_scale", 1.0))
+                             norm_bias_lr_scale=train.get("norm_bias_lr_scale", 1.0),
+                             muon_lr_scale=train.get("muon_learning_rate", 0.0) / train.learning_rate,
+                             muon_momentum=train.get("muon_momentum", 0.6))
   state = common.create_state(classifier(config, num_classes, dtype), key, sample_images(config),
                               tx)
   if train.get("lookahead"):

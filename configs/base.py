@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.std = (0.2470, 0.2435, 0.2616)
 
   config.classifier = ml_collections.ConfigDict()
+  # sgd | adam | muon (airbench94_muon: Muon for convolution kernels, this SGD for the rest)
   config.classifier.optimizer = "sgd"
   config.classifier.learning_rate = 0.1
   config.classifier.momentum = 0.9
@@ -82,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.classifier.whiten_patches = False
   # BatchNorm biases: this times the learning rate, weight decay divided by it (airbench: 64).
   config.classifier.norm_bias_lr_scale = 1.0
+  # optimizer=muon: peak learning rate and momentum of the kernels' Muon (same schedule shape).
+  config.classifier.muon_learning_rate = 0.24
+  config.classifier.muon_momentum = 0.6
   # >1: the batch runs as this many sequential microbatches, one update (fits small devices).
   config.classifier.accumulation_steps = 1
   # Trained variables to start from (an Orbax checkpoint folder or a Flax msgpack file), e.g.

@@ -190,3 +190,56 @@ def test_alternating_flips_train_the_classifier_stage(tmp_path):
                     "--config.classifier.num_epochs=2")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "test accuracy" in result.stdout
+
+
+def test_newton_schulz_keeps_the_singular_vectors_and_evens_the_values():
+  rng = np.random.default_rng(0)
+  left, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+  right, _ = np.linalg.qr(rng.normal(size=(20, 6)))
+  values = np.array([50.0, 10.0, 3.0, 1.0, 0.5, 0.3])  # a condition number of about 170
+  matrix = (left * values) @ right.T
+  for m in (matrix, matrix.T):  # wide and tall
+    ortho = np.asarray(common.orthogonalize(jnp.asarray(m, jnp.float32)), np.float64)
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    diagonal = np.diag(u.T @ ortho @ vt.T)  # the new singular values, in the old basis
+    np.testing.assert_allclose(u.T @ ortho @ vt.T, np.diag(diagonal), atol=1e-4)
+    # Three steps (airbench's) bring a spread of 170 down to a few; none change sign.
+    assert np.all((diagonal > 0.2) & (diagonal < 1.6)), diagonal
+    assert diagonal.max() / diagonal.min() < 6, diagonal
+
+
+def test_muon_steps_the_kernels_on_a_fixed_sphere_and_sgd_the_rest():
+  images, labels = _blobs(64)
+  model = models.create_classifier("airbench93", num_classes=2, width=0.25)
+  tx = common.make_optimizer("muon", optax.constant_schedule(0.2), weight_decay=5e-4,
+                             momentum=0.85, nesterov=True, frozen=(models.WHITEN_LAYER,),
+                             norm_bias_lr_scale=64.0, muon_lr_scale=0.5)
+  state = common.create_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), tx)
+  state = classifier_train.with_whitened_patches(state, images)
+  before = jax.tree.map(np.array, state.params)
+  losses = []
+  for step in range(12):
+    state, metrics = classifier_train.train_step(
+        state, jnp.asarray(images), jnp.asarray(labels), jax.random.key(step), True, 1, 0.2, 2)
+    losses.append(float(metrics["loss"]))
+  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+  np.testing.assert_array_equal(state.params[models.WHITEN_LAYER], before[models.WHITEN_LAYER])
+  # A kernel scaled away from norm sqrt(out) is rescaled to it before a step of 0.1 times an
+  # about-orthogonal update (norm about sqrt(out)), so it ends within a few percent of it.
+  params = dict(state.params)
+  params["block1_conv1"] = {"kernel": 3 * params["block1_conv1"]["kernel"]}
+  state, _ = classifier_train.train_step(state.replace(params=params), jnp.asarray(images),
+                                         jnp.asarray(labels), jax.random.key(99), True, 1, 0.2, 2)
+  out = state.params["block1_conv1"]["kernel"].shape[-1]
+  norm = float(jnp.linalg.norm(state.params["block1_conv1"]["kernel"]))
+  assert abs(norm - np.sqrt(out)) < 0.05 * np.sqrt(out), (norm, np.sqrt(out))
+  for name in ("whiten_bias", "head", "block0_norm0"):  # the SGD groups move
+    assert not all(jax.tree.leaves(jax.tree.map(np.allclose, state.params[name], before[name])))
+
+
+def test_muon_config_trains_the_classifier_stage(tmp_path):
+  from conftest import run_main  # pylint: disable=g-import-not-at-top
+  result = run_main(tmp_path / "work", "--config.stages=train_classifier",
+                    "--config.classifier.optimizer=muon", "--config.classifier.num_epochs=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "test accuracy" in result.stdout

@@ -114,3 +114,11 @@ def test_bad_values_raise_one_clear_line(tiny_config, field, value, needle):
   with pytest.raises(config_checks.ConfigError) as error:
     config_checks.validate(tiny_config)
   assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+def test_muon_needs_a_positive_learning_rate(tiny_config):
+  tiny_config.classifier.optimizer = "muon"
+  config_checks.validate(tiny_config)
+  tiny_config.classifier.muon_learning_rate = 0.0
+  with pytest.raises(config_checks.ConfigError, match="config.classifier.muon_learning_rate"):
+    config_checks.validate(tiny_config)

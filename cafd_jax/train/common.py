@@ -1,7 +1,7 @@
 """Train state, optimisers, learning-rate schedules and batched application shared by the
 training loops."""
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,11 +60,62 @@ def _sgd_or_adam(name: str, schedule: optax.Schedule, weight_decay: float, momen
   return optax.chain(optax.add_decayed_weights(weight_decay), base)
 
 
-def param_group(path: tuple[str, ...], frozen: Sequence[str]) -> str:
-  """``frozen`` (its "/"-joined path is in ``frozen``), ``norm_bias`` (the bias of a module
-  whose name holds "norm", as BatchNorm's) or ``default``."""
+def orthogonalize(matrix: jnp.ndarray, steps: int = 3, eps: float = 1e-7) -> jnp.ndarray:
+  """About U V^T for ``matrix`` = U S V^T: the quintic Newton-Schulz iteration of Muon (Jordan
+  et al.), whose few steps leave the singular values near 1 (roughly 0.5-1.5), not exactly 1."""
+  a, b, c = 3.4445, -4.7750, 2.0315
+  wide = matrix.shape[0] <= matrix.shape[1]
+  x = matrix if wide else matrix.T
+  x = x / (jnp.linalg.norm(x) + eps)
+  for _ in range(steps):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x if wide else x.T
+
+
+class MuonState(NamedTuple):
+  count: jnp.ndarray
+  momentum: Any
+
+
+def normalized_muon(schedule: optax.Schedule, momentum: float = 0.6, nesterov: bool = True,
+                    ns_steps: int = 3) -> optax.GradientTransformation:
+  """Muon for [kh, kw, in, out] kernels followed by BatchNorm, as airbench94_muon has it: the
+  (nesterov) momentum of the gradient, orthogonalised as an [out, kh kw in] matrix, is the
+  step, taken after the kernel is rescaled to Frobenius norm sqrt(out) (BatchNorm makes the
+  scale irrelevant, so it is held fixed and the learning rate keeps one meaning)."""
+
+  def init(params):
+    return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+  def update(grads, state, params):
+    if params is None:
+      raise ValueError("normalized_muon needs the parameters: call update(grads, state, params).")
+    buffer = jax.tree.map(lambda b, g: momentum * b + g, state.momentum, grads)
+    direction = (jax.tree.map(lambda g, b: g + momentum * b, grads, buffer) if nesterov
+                 else buffer)
+    lr = schedule(state.count)
+
+    def step(d, p):
+      out = p.shape[-1]
+      ortho = orthogonalize(d.reshape(-1, out).T, ns_steps).T.reshape(d.shape)
+      rescale = jnp.sqrt(out) / (jnp.linalg.norm(p) + 1e-12)
+      return (p * (rescale - 1) - lr * ortho).astype(p.dtype)
+
+    return jax.tree.map(step, direction, params), MuonState(state.count + 1, buffer)
+
+  return optax.GradientTransformation(init, update)
+
+
+def param_group(path: tuple[str, ...], frozen: Sequence[str], ndim: int = 0,
+                muon: bool = False) -> str:
+  """``frozen`` (its "/"-joined path is in ``frozen``), ``muon`` (with ``muon``, a 4-D
+  convolution kernel), ``norm_bias`` (the bias of a module whose name holds "norm", as
+  BatchNorm's) or ``default``."""
   if "/".join(path) in frozen:
     return "frozen"
+  if muon and ndim == 4:
+    return "muon"
   if path[-1] == "bias" and len(path) > 1 and "norm" in path[-2].lower():
     return "norm_bias"
   return "default"
@@ -72,22 +123,29 @@ def param_group(path: tuple[str, ...], frozen: Sequence[str]) -> str:
 
 def make_optimizer(name: str, schedule: optax.Schedule, *, weight_decay: float,
                    momentum: float = 0.9, nesterov: bool = False, frozen: Sequence[str] = (),
-                   norm_bias_lr_scale: float = 1.0) -> optax.GradientTransformation:
-  """SGD with momentum or Adam, each with coupled L2 weight decay (as torch.optim does).
+                   norm_bias_lr_scale: float = 1.0, muon_lr_scale: float = 1.0,
+                   muon_momentum: float = 0.6) -> optax.GradientTransformation:
+  """SGD with momentum or Adam, each with coupled L2 weight decay (as torch.optim does); or
+  ``muon``: ``normalized_muon`` for convolution kernels (``muon_lr_scale`` times the schedule's
+  learning rate, no weight decay) and SGD for the rest.
 
   Parameters whose path is in ``frozen`` never change. Normalisation biases take
   ``norm_bias_lr_scale`` times the learning rate with the weight decay divided by it, so that
   their decay per step is unchanged (airbench's "bias scaler")."""
-  default = _sgd_or_adam(name, schedule, weight_decay, momentum, nesterov)
-  if not frozen and norm_bias_lr_scale == 1.0:
+  muon = name == "muon"
+  base = "sgd" if muon else name
+  default = _sgd_or_adam(base, schedule, weight_decay, momentum, nesterov)
+  if not frozen and norm_bias_lr_scale == 1.0 and not muon:
     return default
   scaled_schedule = lambda step: norm_bias_lr_scale * schedule(step)
   groups = {"default": default, "frozen": optax.set_to_zero(),
-            "norm_bias": _sgd_or_adam(name, scaled_schedule, weight_decay / norm_bias_lr_scale,
+            "norm_bias": _sgd_or_adam(base, scaled_schedule, weight_decay / norm_bias_lr_scale,
                                       momentum, nesterov)}
+  if muon:
+    groups["muon"] = normalized_muon(lambda step: muon_lr_scale * schedule(step), muon_momentum)
   label = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: param_group(tuple(str(getattr(key, "key", key)) for key in path), frozen),
-      params)
+      lambda path, leaf: param_group(tuple(str(getattr(key, "key", key)) for key in path),
+                                     frozen, jnp.ndim(leaf), muon), params)
   return optax.multi_transform(groups, label)
 
 
