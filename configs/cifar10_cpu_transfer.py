@@ -49,6 +49,7 @@ def get_config(stage: str = "train"):
   train.whiten_patches = False
   train.norm_bias_lr_scale = 1.0
   train.lookahead = False
+  train.flip = "random"
   return config
 
 

@@ -138,8 +138,9 @@ def get_config(arg: str = "quickstart,adaptive_cafd"):
     # Fine-tuning a trained classifier: a tenth of its learning rate per example, at a batch of
     # at most FINE_TUNE_BATCH, eps ramped up over RAMP_FRACTION of the steps, every layer
     # trained (airbench's patch whitening too, whose frozen filters amplify the faintest
-    # directions of the image), without the from-scratch tricks (lookahead, airbench's 64x
-    # BatchNorm-bias step). Without them cifar10_cpu's fine-tune stayed at chance loss.
+    # directions of the image), by plain SGD without the from-scratch tricks (Muon, lookahead,
+    # airbench's 64x BatchNorm-bias step, alternating flips). Without them cifar10_cpu's
+    # fine-tune stayed at chance loss.
     batch = min(config.classifier.batch_size, FINE_TUNE_BATCH)
     config.classifier.learning_rate *= batch / config.classifier.batch_size / 10
     config.classifier.batch_size = batch
@@ -147,6 +148,8 @@ def get_config(arg: str = "quickstart,adaptive_cafd"):
     config.classifier.whiten_patches = False  # init_from brings the whitening filters
     config.classifier.lookahead = False
     config.classifier.norm_bias_lr_scale = 1.0
+    config.classifier.optimizer = "sgd"
+    config.classifier.flip = "random"
     config.log_every_steps = min(config.log_every_steps, 20)
     _evaluation_grid(config, "none")
   return config
