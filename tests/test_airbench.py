@@ -25,13 +25,24 @@ def _blobs(num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _state(name: str = "airbench93", width: float = 0.25, whiten: bool = True,
-           norm_bias_lr_scale: float = 64.0, learning_rate: float = 0.2):
+           norm_bias_lr_scale: float = 64.0, learning_rate: float = 0.2,
+           optimizer: str = "sgd"):
   model = models.create_classifier(name, num_classes=2, width=width)
-  tx = common.make_optimizer("sgd", optax.constant_schedule(learning_rate), weight_decay=5e-4,
+  tx = common.make_optimizer(optimizer, optax.constant_schedule(learning_rate), weight_decay=5e-4,
                              momentum=0.85, nesterov=True,
                              frozen=(models.WHITEN_LAYER,) if whiten else (),
-                             norm_bias_lr_scale=norm_bias_lr_scale)
+                             norm_bias_lr_scale=norm_bias_lr_scale, muon_lr_scale=0.5)
   return common.create_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), tx)
+
+
+def _fit(state, images: np.ndarray, labels: np.ndarray, steps: int = 12):
+  """``steps`` augmented training steps on one batch; the state and the losses."""
+  losses = []
+  for step in range(steps):
+    state, metrics = classifier_train.train_step(
+        state, jnp.asarray(images), jnp.asarray(labels), jax.random.key(step), True, 1, 0.2, 2)
+    losses.append(float(metrics["loss"]))
+  return state, losses
 
 
 def test_whitening_kernel_decorrelates_patches():
@@ -57,11 +68,7 @@ def test_whitened_layer_stays_fixed_and_the_rest_trains():
       / np.array(models.common.CIFAR10_STD, np.float32))
   np.testing.assert_allclose(state.params[models.WHITEN_LAYER], expected, rtol=1e-6)
   before = jax.tree.map(np.array, state.params)
-  losses = []
-  for step in range(12):
-    state, metrics = classifier_train.train_step(
-        state, jnp.asarray(images), jnp.asarray(labels), jax.random.key(step), True, 1, 0.2, 2)
-    losses.append(float(metrics["loss"]))
+  state, losses = _fit(state, images, labels)
   assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses  # the loss falls
   np.testing.assert_array_equal(state.params[models.WHITEN_LAYER], before[models.WHITEN_LAYER])
   for name in ("block0_conv0", "whiten_bias", "head"):
@@ -210,18 +217,9 @@ def test_newton_schulz_keeps_the_singular_vectors_and_evens_the_values():
 
 def test_muon_steps_the_kernels_on_a_fixed_sphere_and_sgd_the_rest():
   images, labels = _blobs(64)
-  model = models.create_classifier("airbench93", num_classes=2, width=0.25)
-  tx = common.make_optimizer("muon", optax.constant_schedule(0.2), weight_decay=5e-4,
-                             momentum=0.85, nesterov=True, frozen=(models.WHITEN_LAYER,),
-                             norm_bias_lr_scale=64.0, muon_lr_scale=0.5)
-  state = common.create_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), tx)
-  state = classifier_train.with_whitened_patches(state, images)
+  state = classifier_train.with_whitened_patches(_state(optimizer="muon"), images)
   before = jax.tree.map(np.array, state.params)
-  losses = []
-  for step in range(12):
-    state, metrics = classifier_train.train_step(
-        state, jnp.asarray(images), jnp.asarray(labels), jax.random.key(step), True, 1, 0.2, 2)
-    losses.append(float(metrics["loss"]))
+  state, losses = _fit(state, images, labels)
   assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
   np.testing.assert_array_equal(state.params[models.WHITEN_LAYER], before[models.WHITEN_LAYER])
   # A kernel scaled away from norm sqrt(out) is rescaled to it before a step of 0.1 times an
