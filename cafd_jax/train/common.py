@@ -1,7 +1,7 @@
 """Train state, optimisers, learning-rate schedules and batched application shared by the
 training loops."""
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,11 +73,6 @@ def orthogonalize(matrix: jnp.ndarray, steps: int = 3, eps: float = 1e-7) -> jnp
   return x if wide else x.T
 
 
-class MuonState(NamedTuple):
-  count: jnp.ndarray
-  momentum: Any
-
-
 def normalized_muon(schedule: optax.Schedule, momentum: float = 0.6, nesterov: bool = True,
                     ns_steps: int = 3) -> optax.GradientTransformation:
   """Muon for [kh, kw, in, out] kernels followed by BatchNorm, as airbench94_muon has it: the
@@ -85,26 +80,22 @@ def normalized_muon(schedule: optax.Schedule, momentum: float = 0.6, nesterov: b
   step, taken after the kernel is rescaled to Frobenius norm sqrt(out) (BatchNorm makes the
   scale irrelevant, so it is held fixed and the learning rate keeps one meaning)."""
 
-  def init(params):
-    return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+  def orthogonalized(updates, params=None):
+    del params
+    return jax.tree.map(lambda d: orthogonalize(d.reshape(-1, d.shape[-1]).T, ns_steps).T
+                        .reshape(d.shape), updates)
 
-  def update(grads, state, params):
+  def rescaled_first(updates, params):
     if params is None:
       raise ValueError("normalized_muon needs the parameters: call update(grads, state, params).")
-    buffer = jax.tree.map(lambda b, g: momentum * b + g, state.momentum, grads)
-    direction = (jax.tree.map(lambda g, b: g + momentum * b, grads, buffer) if nesterov
-                 else buffer)
-    lr = schedule(state.count)
+    rescale = lambda p: jnp.sqrt(p.shape[-1]) / (jnp.linalg.norm(p) + 1e-12)
+    return jax.tree.map(lambda u, p: (u + p * (rescale(p) - 1)).astype(p.dtype), updates,
+                        params)
 
-    def step(d, p):
-      out = p.shape[-1]
-      ortho = orthogonalize(d.reshape(-1, out).T, ns_steps).T.reshape(d.shape)
-      rescale = jnp.sqrt(out) / (jnp.linalg.norm(p) + 1e-12)
-      return (p * (rescale - 1) - lr * ortho).astype(p.dtype)
-
-    return jax.tree.map(step, direction, params), MuonState(state.count + 1, buffer)
-
-  return optax.GradientTransformation(init, update)
+  return optax.chain(optax.trace(momentum, nesterov),
+                     optax.stateless(orthogonalized),
+                     optax.scale_by_schedule(lambda step: -schedule(step)),
+                     optax.stateless(rescaled_first))
 
 
 def param_group(path: tuple[str, ...], frozen: Sequence[str], ndim: int = 0,
