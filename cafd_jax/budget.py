@@ -8,6 +8,10 @@ limit. Each stage checks it at its own boundaries and stops cleanly once it is s
 * ``craft``: before the next chunk (the chunks done are kept; the denoisers train on them);
 * ``evaluate``: before the next attack run of the grid (the report holds the runs done).
 
+With ``config.fit_epochs_to_budget``, a training stage that its budget would cut times its
+first steps and trains fewer whole epochs instead (``epochs_within``), so that its learning-rate
+schedule runs to its end; the plan is kept beside the checkpoints and recorded (``Budget.fit``).
+
 Where a stage was cut is recorded (``Budget.cut``) and lands, per stage, in DIR/stages.json
 and the metadata of report.json. Several processes agree on every decision (process 0's
 clock decides), so they stop at the same step.
@@ -38,6 +42,7 @@ class Budget:
     self._clock = clock
     self.start = clock() if start is None else start
     self.cuts: list[dict[str, Any]] = []
+    self.fits: list[dict[str, Any]] = []
 
   @property
   def limited(self) -> bool:
@@ -66,22 +71,46 @@ class Budget:
       return self
     # A spent budget shares out a spent one (not 0 seconds, which would mean no limit).
     child = Budget(max(self.remaining() / max(parts, 1), 1e-9), clock=self._clock)
-    child.cuts = self.cuts
+    child.cuts, child.fits = self.cuts, self.fits
     return child
 
   def cut(self, **where: Any) -> None:
     """Records that the stage stopped early, and where (epoch, step, chunk, run, ...)."""
     self.cuts.append(dict(where))
 
+  def fit(self, **what: Any) -> None:
+    """Records that a training run was shortened to fit the budget (stage, epochs)."""
+    self.fits.append(dict(what))
+
   def record(self) -> dict[str, Any]:
     """The stage's entry of DIR/stages.json."""
-    return {"max_seconds": self.max_seconds, "seconds": round(self.elapsed(), 1),
-            "cut": bool(self.cuts), "cut_at": list(self.cuts)}
+    record = {"max_seconds": self.max_seconds, "seconds": round(self.elapsed(), 1),
+              "cut": bool(self.cuts), "cut_at": list(self.cuts)}
+    if self.fits:
+      record["fitted"] = list(self.fits)
+    return record
+
+
+def agreed(value: int) -> int:
+  """``value`` as process 0 has it, on every process (one process: itself)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+
+
+def epochs_within(seconds: float, step_seconds: float, steps_per_epoch: int, planned: int,
+                  margin: float = 0.05) -> int:
+  """The whole epochs, from 1 to ``planned``, whose steps of ``step_seconds`` each fit in
+  ``seconds`` less a ``margin`` fraction (checkpoints, the stage's own end)."""
+  epoch_seconds = max(step_seconds, 1e-9) * steps_per_epoch
+  return int(min(max(seconds * (1.0 - margin) // epoch_seconds, 1), planned))
 
 
 def describe(record: dict[str, Any]) -> str:
   """'budget 60s; cut at chunk 3/20' or 'no budget', for the stage's summary line."""
   text = f"budget {record['max_seconds']:g}s" if record["max_seconds"] > 0 else "no budget"
+  for fitted in record.get("fitted", ()):
+    text += f"; {fitted['stage']} fitted to {fitted['epochs']} epochs"
   if record["cut"]:
     places = [", ".join(f"{key} {value}" for key, value in where.items())
               for where in record["cut_at"]]

@@ -138,6 +138,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _require(stage in budget.STAGES, f"config.max_seconds.{stage}: no such stage; budgets are "
                                        f"for {','.join(budget.STAGES)}.")
       _non_negative(f"config.max_seconds.{stage}", budgets[stage])
+  _require(isinstance(config.get("fit_epochs_to_budget", False), bool),
+           "config.fit_epochs_to_budget must be True or False.")
   for section in ("classifier", "denoiser"):
     train = config[section]
     _require(train.get("schedule", "piecewise") in SCHEDULES,

@@ -46,8 +46,12 @@ class ProgressLogger:
     self._last_time, self._last_step = time.perf_counter(), None
 
   def step(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
-    """Call after each train step (``step`` counts from 1); logs every ``every_steps``."""
+    """Call after each train step (``step`` counts from 1); logs every ``every_steps``. The
+    rate counts from the end of the first step of this run, so compilation is not in it."""
     if step % self.every_steps and step != self.total_steps:
+      if self._last_step is None:  # the first step: the rate starts when it is done
+        jax.block_until_ready(metrics)
+        self._last_time, self._last_step = time.perf_counter(), step
       return
     values = {name: float(np.asarray(value)) for name, value in metrics.items()}
     now = time.perf_counter()

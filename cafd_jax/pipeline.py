@@ -9,11 +9,12 @@
   report           -> report.md and figures rebuilt from DIR/report.json, nothing recomputed
 
 Each stage may have a time budget (``config.max_seconds.<stage>``, ``cafd_jax/budget.py``);
-DIR/stages.json records each stage's budget, seconds and where it was cut. What a stage makes
-from an earlier stage's output records that output's identity beside it (``X.lineage.json``:
-the classifier checkpoint step, the number of crafted examples); when a rerun finds that the
-inputs changed (a budget-cut stage continued), the old output is moved aside, never deleted,
-and the stage starts afresh.
+DIR/stages.json records each stage's budget, seconds and where it was cut, or to how many
+epochs a training run was fitted (``config.fit_epochs_to_budget``; the plan is kept in
+``X.plan.json`` beside its checkpoints). What a stage makes from an earlier stage's output
+records that output's identity beside it (``X.lineage.json``: the classifier checkpoint step,
+the number of crafted examples); when a rerun finds that the inputs changed (a budget-cut stage
+continued), the old output is moved aside, never deleted, and the stage starts afresh.
 """
 
 import collections
@@ -23,6 +24,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -142,6 +144,47 @@ def _lineage_path(directory: str) -> str:
   return io_utils.normalised(directory) + ".lineage.json"
 
 
+def _plan_path(directory: str) -> str:
+  return io_utils.normalised(directory) + ".plan.json"
+
+
+def fitted(config: ml_collections.ConfigDict, section: str, stage: str, checkpoint_dir: str,
+           budget: budgets.Budget | None, steps_per_epoch: int,
+           time_steps: Callable[[], tuple[float, float]]) -> ml_collections.ConfigDict:
+  """``config`` with ``config.<section>.num_epochs`` lowered to the whole epochs that the
+  stage's budget holds, when ``config.fit_epochs_to_budget`` is on and the budget would
+  otherwise cut the run: the schedule (one-cycle, lookahead, ...) is then that of the shorter
+  run and ends where it should. ``time_steps()`` gives (first step with compilation, seconds
+  per step), measured once on a fresh start; the plan is kept beside the checkpoints, so a
+  resumed run keeps it, with any budget or none. Otherwise ``config`` itself."""
+  planned = config[section].num_epochs
+  if checkpoint.latest_step(checkpoint_dir) is not None:  # begun: continues as it began
+    plan = io_utils.read_json(_plan_path(checkpoint_dir), missing=None)
+    if not plan or plan.get("planned_epochs") != planned:
+      return config
+  elif (not config.get("fit_epochs_to_budget", False) or budget is None or not budget.limited
+        or planned <= 1):
+    return config
+  else:
+    first_seconds, step_seconds = time_steps()
+    epochs = budgets.agreed(budgets.epochs_within(budget.remaining() - first_seconds,
+                                                  step_seconds, steps_per_epoch, planned))
+    plan = {"planned_epochs": planned, "epochs": epochs,
+            "step_seconds": round(step_seconds, 4), "budget_seconds": budget.max_seconds}
+    if parallel.is_primary():
+      io_utils.write_json(_plan_path(checkpoint_dir), plan)
+      print(f"[{stage}] {step_seconds:.3g}s a step here ({first_seconds:.0f}s for the first, "
+            f"compiled): {epochs} of {planned} epochs fit the {budget.remaining():.0f}s left "
+            f"of its budget", flush=True)
+  if plan["epochs"] >= planned:
+    return config
+  if budget is not None:
+    budget.fit(stage=stage, epochs=f"{plan['epochs']}/{planned}")
+  config = config.copy_and_resolve_references()
+  config[section].num_epochs = plan["epochs"]
+  return config
+
+
 def read_lineage(directory: str) -> dict | None:
   """What ``directory``'s contents were made from (None if unrecorded)."""
   return io_utils.read_json(_lineage_path(directory), missing=None)
@@ -163,6 +206,8 @@ def keep_or_supersede(directory: str, lineage: dict, stage: str) -> None:
       moved = f"{io_utils.normalised(directory)}.superseded-{index}"
       io_utils.rename(directory, moved)
       io_utils.rename(_lineage_path(directory), _lineage_path(moved))
+      if io_utils.path(_plan_path(directory)).exists():
+        io_utils.rename(_plan_path(directory), _plan_path(moved))
       print(f"[{stage}] {directory} was made from {recorded}, not {lineage}; moved to {moved}, "
             f"starting afresh", flush=True)
     io_utils.write_json(_lineage_path(directory), lineage)
@@ -196,19 +241,27 @@ def classifier_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int =
                                        steps_per_epoch)
 
 
-def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset,
-                     mesh, budget: budgets.Budget | None = None) -> None:
+def _classifier_start(config, train_set: data.Dataset, steps_per_epoch: int):
+  """The classifier's state before training: initialised, whitened, imported as configured."""
   train = config.classifier
-  steps_per_epoch = _steps_per_epoch(train_set.num_global, train.batch_size)
   state = factory.classifier_state(config, train_set.num_classes, _stage_key(config, "train_classifier"),
                                    steps_per_epoch, factory.training_dtype(config))
   if train.get("whiten_patches"):
     state = classifier_train.with_whitened_patches(state, train_set.images, config.model.mean,
                                                    config.model.std)
-  checkpoint_dir = os.path.join(workdir, CLASSIFIER_DIR)
   if train.get("init_from"):
     state = imported.with_variables(state, imported.read_variables(train.init_from),
                                     train.init_from)
+  return state
+
+
+def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Dataset,
+                     mesh, budget: budgets.Budget | None = None) -> None:
+  train = config.classifier
+  steps_per_epoch = _steps_per_epoch(train_set.num_global, train.batch_size)
+  state = _classifier_start(config, train_set, steps_per_epoch)
+  checkpoint_dir = os.path.join(workdir, CLASSIFIER_DIR)
+  if train.get("init_from"):
     if train.num_epochs == 0:  # the imported classifier as it is: checkpoint 0 for the stages
       if checkpoint.latest_step(checkpoint_dir) is None:
         checkpoints = checkpoint.manager(checkpoint_dir)
@@ -222,12 +275,19 @@ def train_classifier(config, workdir, train_set: data.Dataset, test_set: data.Da
     arrays = (train_set.images, train_set.labels)
     if train.get("flip", "random") == "alternating":
       arrays += (augment.first_epoch_flips(len(train_set), config.seed),)
-    state = loop.fit(stage="train_classifier", state=state,
-                     step_fn=classifier_step_fn(config, steps_per_epoch),
-                     arrays=arrays, batch_size=train.batch_size,
-                     num_epochs=train.num_epochs, key=_stage_key(config, "train_classifier"),
-                     checkpoint_dir=checkpoint_dir, workdir=workdir,
-                     budget=budget, **_fit_options(config, mesh, train_set))
+    options = dict(arrays=arrays, batch_size=train.batch_size,
+                   key=_stage_key(config, "train_classifier"),
+                   **_fit_options(config, mesh, train_set))
+    step_fn = classifier_step_fn(config, steps_per_epoch)  # one object: compiled once
+    run_config = fitted(config, "classifier", "train_classifier", checkpoint_dir, budget,
+                        steps_per_epoch, lambda: loop.time_steps(state=state, step_fn=step_fn,
+                                                                 **options))
+    if run_config is not config:  # a shorter schedule: another optimiser and step
+      state = _classifier_start(run_config, train_set, steps_per_epoch)
+      step_fn = classifier_step_fn(run_config, steps_per_epoch)
+    state = loop.fit(stage="train_classifier", state=state, step_fn=step_fn,
+                     num_epochs=run_config.classifier.num_epochs, checkpoint_dir=checkpoint_dir,
+                     workdir=workdir, budget=budget, **options)
   classifier = factory.classifier(config, train_set.num_classes)  # float32, as evaluation
   classify = evaluate.bind(jax.jit(classifier.apply),
                            parallel.to_host(common.variables_of(state)))
@@ -475,18 +535,42 @@ def train_denoiser(config, workdir, train_set: data.Dataset, mesh,
                     "train_denoiser")
   classifier = factory.classifier(config, train_set.num_classes)
   classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
-  train = config.denoiser
-  states = factory.denoiser_states(config, _stage_key(config, "train_denoiser"),
-                                   _steps_per_epoch(train_set.num_global, train.batch_size),
-                                   factory.training_dtype(config))
-  targets = natural_targets(config, classifier, classifier_variables, "cafd", train_set,
-                            "train_denoiser", checkpoint_dir)
-  loop.fit(stage="train_denoiser", state=states,
-           step_fn=denoiser_train.make_step_fn(denoiser_step(config, classifier)),
-           frozen=classifier_variables, arrays=_denoiser_arrays(x_adv, train_set, targets),
-           batch_size=train.batch_size, num_epochs=train.num_epochs,
-           key=_stage_key(config, "train_denoiser"), checkpoint_dir=checkpoint_dir,
-           workdir=workdir, budget=budget, **_fit_options(config, mesh, train_set))
+  key = _stage_key(config, "train_denoiser")
+  make_state = lambda run_config: factory.denoiser_states(
+      run_config, key, _steps_per_epoch(train_set.num_global, run_config.denoiser.batch_size),
+      factory.training_dtype(run_config))
+  _fit_denoiser(config, "train_denoiser", "cafd", make_state,
+                denoiser_train.make_step_fn(denoiser_step(config, classifier)), classifier,
+                classifier_variables, train_set, x_adv, key, checkpoint_dir, workdir, mesh, budget)
+
+
+def _fit_denoiser(config: ml_collections.ConfigDict, stage: str, name: str,
+                  make_state: Callable[[ml_collections.ConfigDict], Any], step_fn: Callable,
+                  classifier, classifier_variables: dict, train_set: data.Dataset,
+                  x_adv: np.ndarray, key: jax.Array, checkpoint_dir: str, workdir: str, mesh,
+                  budget: budgets.Budget | None) -> None:
+  """Trains denoiser ``name`` (state ``make_state(config)``, ``step_fn``) on the crafted
+  pairs with ``loop.fit``, for the epochs ``fitted`` leaves of ``config.denoiser.num_epochs``."""
+  targets = {}
+
+  def arrays(run_config: ml_collections.ConfigDict) -> tuple[np.ndarray, ...]:
+    if "natural" not in targets:  # computed once, and not at all when training is complete
+      targets["natural"] = natural_targets(run_config, classifier, classifier_variables, name,
+                                           train_set, stage, checkpoint_dir)
+    return _denoiser_arrays(x_adv, train_set, targets["natural"])
+
+  options = dict(frozen=classifier_variables, batch_size=config.denoiser.batch_size, key=key,
+                 **_fit_options(config, mesh, train_set))
+  state = make_state(config)
+  run_config = fitted(config, "denoiser", stage, checkpoint_dir, budget,
+                      _steps_per_epoch(train_set.num_global, config.denoiser.batch_size),
+                      lambda: loop.time_steps(state=state, step_fn=step_fn,
+                                              arrays=arrays(config), **options))
+  if run_config is not config:
+    state = make_state(run_config)
+  loop.fit(stage=stage, state=state, step_fn=step_fn, arrays=arrays(run_config),
+           num_epochs=run_config.denoiser.num_epochs, checkpoint_dir=checkpoint_dir,
+           workdir=workdir, budget=budget, **options)
 
 
 def baseline_state_and_step(config: ml_collections.ConfigDict, classifier, name: str,
@@ -518,16 +602,14 @@ def train_baselines(config, workdir, train_set: data.Dataset, mesh,
     checkpoint_dir = os.path.join(workdir, baseline_dir(name))
     keep_or_supersede(checkpoint_dir, lineage, f"train_{name}_denoiser")
     key = jax.random.fold_in(_stage_key(config, "train_baselines"), index)
-    state, step = baseline_state_and_step(
-        config, classifier, name, key, _steps_per_epoch(train_set.num_global, train.batch_size))
-    targets = natural_targets(config, classifier, classifier_variables, name, train_set,
-                              f"train_{name}_denoiser", checkpoint_dir)
-    loop.fit(stage=f"train_{name}_denoiser", state=state,
-             step_fn=denoiser_train.make_step_fn(step), frozen=classifier_variables,
-             arrays=_denoiser_arrays(x_adv, train_set, targets), batch_size=train.batch_size,
-             num_epochs=train.num_epochs, key=key, checkpoint_dir=checkpoint_dir,
-             workdir=workdir, budget=None if budget is None else budget.share(len(names) - index),
-             **_fit_options(config, mesh, train_set))
+    steps_per_epoch = _steps_per_epoch(train_set.num_global, train.batch_size)
+    step = baseline_state_and_step(config, classifier, name, key, steps_per_epoch)[1]
+    make_state = lambda run_config, name=name, key=key: baseline_state_and_step(
+        run_config, classifier, name, key, steps_per_epoch)[0]
+    _fit_denoiser(config, f"train_{name}_denoiser", name, make_state,
+                  denoiser_train.make_step_fn(step), classifier, classifier_variables,
+                  train_set, x_adv, key, checkpoint_dir, workdir, mesh,
+                  None if budget is None else budget.share(len(names) - index))
 
 
 def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:

@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   # crafting before a chunk, evaluation before an attack run; a rerun with more time continues.
   config.max_seconds = ml_collections.ConfigDict(dict(
       train_classifier=0.0, craft=0.0, train_denoiser=0.0, train_baselines=0.0, evaluate=0.0))
+  # True: a training stage that its budget would cut times its first steps and trains the whole
+  # epochs that fit instead, its schedule shortened to match (recorded in DIR/stages.json).
+  config.fit_epochs_to_budget = False
 
   config.parallel = ml_collections.ConfigDict()
   config.parallel.distributed = False  # True: jax.distributed.initialize() (several processes)

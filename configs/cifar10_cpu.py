@@ -29,7 +29,10 @@ budget then:
                                                                   budget 1,500 s (not cut)
 The budgets below give each stage what that run measured it needs for the whole config
 (20,000 crafted examples, 2,000 steps per denoiser) on that machine: 8,900 s in all, within
-2 h 30 min with start-up; a slower machine cuts stages where their budgets end, and report.json says where.
+2 h 30 min with start-up. On a slower machine ``fit_epochs_to_budget`` times the first steps of
+the classifier and of each denoiser and trains the whole epochs that fit, its one-cycle schedule
+shortened to match (not cut part-way); crafting and evaluation stop where their budgets end.
+DIR/stages.json and report.json say what was fitted or cut.
 """
 
 from configs import base
@@ -41,6 +44,7 @@ def get_config():
   config.log_every_steps = 100
   config.max_seconds.update(dict(train_classifier=2650.0, craft=1150.0, train_denoiser=1150.0,
                                  train_baselines=2600.0, evaluate=1350.0))
+  config.fit_epochs_to_budget = True
 
   config.model.name = "airbench94"
   config.model.width = 1.0

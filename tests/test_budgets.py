@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from cafd_jax import budget, pipeline
+from cafd_jax import budget, data, factory, pipeline
+from cafd_jax.train import classifier, loop
 from configs import tiny
 
 from conftest import run_main
@@ -41,6 +42,86 @@ def test_budget_reading_sharing_and_records(tmp_path):
   assert list(budget.read_records(str(tmp_path))) == ["craft", "evaluate"]  # pipeline order
   (tmp_path / budget.STAGES_FILE).write_text("{not json")
   assert budget.read_records(str(tmp_path)) == {}
+
+
+def test_epochs_within_keeps_whole_epochs_between_one_and_the_plan():
+  assert budget.epochs_within(1000, 1.0, 10, planned=9) == 9  # fits: unchanged
+  assert budget.epochs_within(100, 1.0, 10, planned=9) == 9 - 0  # 95 s: 9 epochs of 10 s
+  assert budget.epochs_within(60, 1.0, 10, planned=9) == 5  # 57 s
+  assert budget.epochs_within(5, 1.0, 10, planned=9) == 1  # never below one epoch
+  fitted = budget.Budget(10, clock=_ticks())
+  fitted.share(2).fit(stage="train_hgd_denoiser", epochs="3/10")  # recorded on the whole
+  assert fitted.record()["fitted"] == [{"stage": "train_hgd_denoiser", "epochs": "3/10"}]
+  assert budget.describe(fitted.record()) == "budget 10s; train_hgd_denoiser fitted to 3/10 epochs"
+  assert "fitted" not in budget.Budget(10).record()
+
+
+def test_time_steps_times_the_compiled_step_and_leaves_the_state_as_it_was(tiny_config):
+  dataset = data.make_synthetic(60, seed=5)
+  state = factory.classifier_state(tiny_config, 10, jax.random.key(0), steps_per_epoch=2)
+  before = [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+  first, per_step = loop.time_steps(state=state, step_fn=classifier.make_step_fn(True),
+                                    arrays=(dataset.images, dataset.labels), batch_size=30,
+                                    key=jax.random.key(1), seed=0, steps=2)
+  assert first > 0 and per_step > 0
+  for got, want in zip(jax.tree.leaves(state), before):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fitted_shortens_the_schedule_once_and_keeps_the_plan(tiny_config, tmp_path,
+                                                              monkeypatch):
+  directory = str(tmp_path / "checkpoints" / "classifier")
+  tiny_config.classifier.num_epochs = 9
+  stage_budget = budget.Budget(60, clock=_ticks())
+  timings = []
+
+  def time_steps():
+    timings.append(1)
+    return 2.0, 1.0  # 2 s for the compiled first step, then 1 s a step
+
+  same = pipeline.fitted(tiny_config, "classifier", "s", directory, stage_budget, 10, time_steps)
+  assert same is tiny_config and not timings  # fit_epochs_to_budget is off
+  tiny_config.fit_epochs_to_budget = True
+  assert pipeline.fitted(tiny_config, "classifier", "s", directory, budget.Budget(0), 10,
+                         time_steps) is tiny_config  # no budget
+  shorter = pipeline.fitted(tiny_config, "classifier", "s", directory, stage_budget, 10,
+                            time_steps)
+  # 59 s left at the timing, 57 s once compiled, 54.2 s with the margin: 5 epochs of 10 s.
+  assert shorter.classifier.num_epochs == 5 and tiny_config.classifier.num_epochs == 9
+  assert stage_budget.fits == [{"stage": "s", "epochs": "5/9"}] and len(timings) == 1
+  plan = json.loads((tmp_path / "checkpoints" / "classifier.plan.json").read_text())
+  assert plan["epochs"] == 5 and plan["planned_epochs"] == 9
+  monkeypatch.setattr(pipeline.checkpoint, "latest_step", lambda _: 10)  # the run has begun
+  resumed = pipeline.fitted(tiny_config, "classifier", "s", directory, budget.Budget(10**6), 10,
+                            time_steps)
+  assert resumed.classifier.num_epochs == 5 and len(timings) == 1  # the plan, not a new timing
+  os.remove(tmp_path / "checkpoints" / "classifier.plan.json")  # begun before plans existed
+  assert pipeline.fitted(tiny_config, "classifier", "s", directory, stage_budget, 10,
+                         time_steps) is tiny_config
+
+
+def test_fitted_runs_keep_their_shorter_plan_when_resumed_with_time(tmp_path):
+  workdir = tmp_path / "fitted"
+  options = ["--config.fit_epochs_to_budget=True", "--config.denoiser.num_epochs=2"]
+  first = run_main(workdir, "--config.stages=train_classifier",
+                   "--config.max_seconds.train_classifier=0.001", *options)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "1 of 2 epochs fit" in first.stdout
+  record = json.loads((workdir / budget.STAGES_FILE).read_text())["train_classifier"]
+  assert record["fitted"] == [{"stage": "train_classifier", "epochs": "1/2"}]
+  assert record["cut_at"] == [{"stage": "train_classifier", "epoch": "1/1", "step": "1/6"}]
+  assert "fitted to 1/2 epochs; cut at" in first.stdout
+
+  second = run_main(workdir, "--config.stages=train_classifier,craft,train_denoiser",
+                    "--config.max_seconds.train_denoiser=0.001", *options)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "[train_classifier] resuming after step 1/6 of epoch 1/1" in second.stdout
+  assert pipeline.classifier_step(tiny.get_config(), str(workdir)) == 6  # one epoch, as planned
+  records = json.loads((workdir / budget.STAGES_FILE).read_text())
+  assert records["train_classifier"]["fitted"] == [{"stage": "train_classifier", "epochs": "1/2"}]
+  assert records["train_denoiser"]["fitted"] == [{"stage": "train_denoiser", "epochs": "1/2"}]
+  plan = json.loads((workdir / "checkpoints" / "denoiser.plan.json").read_text())
+  assert plan["epochs"] == 1 and plan["planned_epochs"] == 2 and plan["step_seconds"] > 0
 
 
 def _leaves(variables):

@@ -124,3 +124,17 @@ def test_only_hgd_and_caf_losses_have_a_natural_target(trained_tiny):
   assert denoiser_train.make_target_fn(model, "a_users_own_loss") is None
   assert denoiser_train.make_target_fn(model, "hgd") is not None
   assert denoiser_train.make_target_fn(model, "cafd", caf_kind="features") is not None
+
+
+def test_progress_rate_counts_from_the_first_step_not_from_compilation(capsys):
+  from cafd_jax import metrics  # pylint: disable=g-import-not-at-top
+  logger = metrics.ProgressLogger("s", total_steps=6, workdir=None, batch_size=10, every_steps=3)
+  for step in range(1, 7):
+    logger.step(step, {"loss": jnp.float32(1.0)})
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split()[2] for line in lines] == ["3/6", "6/6"]
+  assert all("ETA ?" not in line and " 0 img/s" not in line for line in lines), lines
+  one_step = metrics.ProgressLogger("s", total_steps=2, workdir=None, batch_size=10,
+                                    every_steps=1)
+  one_step.step(1, {"loss": jnp.float32(1.0)})  # logged at once: no rate yet
+  assert "ETA ?" in capsys.readouterr().out

@@ -10,6 +10,8 @@ replicated or FSDP-split, ``frozen`` replicated, state buffers donated.
 
 from typing import Any, Callable, Sequence
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,32 @@ def compile_step(step_fn: StepFn, state: Any, mesh: Mesh, fsdp: bool = False
                                    replicated),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   return compiled, state_shardings
+
+
+def time_steps(*, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray], batch_size: int,
+               key: jax.Array, frozen: Any = None, mesh: Mesh | None = None, fsdp: bool = False,
+               global_size: int | None = None, steps: int = 3, **unused: Any
+               ) -> tuple[float, float]:
+  """(seconds of the first step, compilation included; median seconds of the ``steps`` after)
+  of ``step_fn`` on the first batch of ``arrays``, compiled as ``fit`` compiles it, on a copy
+  of ``state`` (``state`` itself is left as it was). ``fit``'s other options are accepted and
+  ignored, so that both can take the same keywords."""
+  mesh = mesh or parallel.make_mesh()
+  rows = parallel.local_rows(batch_size, mesh)
+  local = tuple(array[:rows.stop - rows.start] if global_size is not None
+                else array[:batch_size][rows] for array in arrays)
+  batch = parallel.shard_batch(local, mesh, batch_size)
+  compiled, state_shardings = compile_step(step_fn, state, mesh, fsdp)
+  copy = parallel.place_state(jax.tree.map(jnp.copy, state), state_shardings)
+  frozen = parallel.replicate(frozen, mesh)
+  key = parallel.replicate(key, mesh)
+  seconds = []
+  for _ in range(steps + 1):
+    start = time.perf_counter()
+    copy, step_metrics = compiled(copy, batch, key, frozen)
+    jax.block_until_ready((copy, step_metrics))
+    seconds.append(time.perf_counter() - start)
+  return seconds[0], float(np.median(seconds[1:]))
 
 
 def fit(*, stage: str, state: Any, step_fn: StepFn, arrays: Sequence[np.ndarray],
