@@ -8,9 +8,8 @@ explicit shardings over a data mesh (``cafd_jax.parallel``): batch split over de
 replicated or FSDP-split, ``frozen`` replicated, state buffers donated.
 """
 
-from typing import Any, Callable, Sequence
-
 import time
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
