@@ -59,10 +59,7 @@ class Budget:
     """Whether the budget is used up; the same answer on every process (process 0's clock)."""
     if not self.limited:
       return False
-    spent = self.elapsed() >= self.max_seconds
-    if jax.process_count() > 1:
-      spent = bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
-    return spent
+    return bool(agreed(self.elapsed() >= self.max_seconds))
 
   def share(self, parts: int) -> Budget:
     """A budget of an equal share of what is left, for the first of ``parts`` sub-tasks run one

@@ -536,21 +536,22 @@ def train_denoiser(config, workdir, train_set: data.Dataset, mesh,
   classifier = factory.classifier(config, train_set.num_classes)
   classifier_variables = restore_classifier(config, workdir, train_set.num_classes)
   key = _stage_key(config, "train_denoiser")
-  make_state = lambda run_config: factory.denoiser_states(
-      run_config, key, _steps_per_epoch(train_set.num_global, run_config.denoiser.batch_size),
-      factory.training_dtype(run_config))
-  _fit_denoiser(config, "train_denoiser", "cafd", make_state,
-                denoiser_train.make_step_fn(denoiser_step(config, classifier)), classifier,
+  steps_per_epoch = _steps_per_epoch(train_set.num_global, config.denoiser.batch_size)
+  make_state_and_step = lambda run_config: (
+      factory.denoiser_states(run_config, key, steps_per_epoch, factory.training_dtype(run_config)),
+      denoiser_step(run_config, classifier))
+  _fit_denoiser(config, "train_denoiser", "cafd", make_state_and_step, classifier,
                 classifier_variables, train_set, x_adv, key, checkpoint_dir, workdir, mesh, budget)
 
 
 def _fit_denoiser(config: ml_collections.ConfigDict, stage: str, name: str,
-                  make_state: Callable[[ml_collections.ConfigDict], Any], step_fn: Callable,
+                  make_state_and_step: Callable[[ml_collections.ConfigDict], tuple[Any, Callable]],
                   classifier, classifier_variables: dict, train_set: data.Dataset,
                   x_adv: np.ndarray, key: jax.Array, checkpoint_dir: str, workdir: str, mesh,
                   budget: budgets.Budget | None) -> None:
-  """Trains denoiser ``name`` (state ``make_state(config)``, ``step_fn``) on the crafted
-  pairs with ``loop.fit``, for the epochs ``fitted`` leaves of ``config.denoiser.num_epochs``."""
+  """Trains denoiser ``name`` (fresh state and jitted train step:
+  ``make_state_and_step(config)``) on the crafted pairs with ``loop.fit``, for the epochs
+  ``fitted`` leaves of ``config.denoiser.num_epochs``."""
   targets = {}
 
   def arrays(run_config: ml_collections.ConfigDict) -> tuple[np.ndarray, ...]:
@@ -561,13 +562,15 @@ def _fit_denoiser(config: ml_collections.ConfigDict, stage: str, name: str,
 
   options = dict(frozen=classifier_variables, batch_size=config.denoiser.batch_size, key=key,
                  **_fit_options(config, mesh, train_set))
-  state = make_state(config)
+  state, step = make_state_and_step(config)
+  step_fn = denoiser_train.make_step_fn(step)  # one object: compiled once
   run_config = fitted(config, "denoiser", stage, checkpoint_dir, budget,
                       _steps_per_epoch(train_set.num_global, config.denoiser.batch_size),
                       lambda: loop.time_steps(state=state, step_fn=step_fn,
                                               arrays=arrays(config), **options))
-  if run_config is not config:
-    state = make_state(run_config)
+  if run_config is not config:  # a shorter schedule: another optimiser and step
+    state, step = make_state_and_step(run_config)
+    step_fn = denoiser_train.make_step_fn(step)
   loop.fit(stage=stage, state=state, step_fn=step_fn, arrays=arrays(run_config),
            num_epochs=run_config.denoiser.num_epochs, checkpoint_dir=checkpoint_dir,
            workdir=workdir, budget=budget, **options)
@@ -603,12 +606,10 @@ def train_baselines(config, workdir, train_set: data.Dataset, mesh,
     keep_or_supersede(checkpoint_dir, lineage, f"train_{name}_denoiser")
     key = jax.random.fold_in(_stage_key(config, "train_baselines"), index)
     steps_per_epoch = _steps_per_epoch(train_set.num_global, train.batch_size)
-    step = baseline_state_and_step(config, classifier, name, key, steps_per_epoch)[1]
-    make_state = lambda run_config, name=name, key=key: baseline_state_and_step(
-        run_config, classifier, name, key, steps_per_epoch)[0]
-    _fit_denoiser(config, f"train_{name}_denoiser", name, make_state,
-                  denoiser_train.make_step_fn(step), classifier, classifier_variables,
-                  train_set, x_adv, key, checkpoint_dir, workdir, mesh,
+    make_state_and_step = lambda run_config, name=name, key=key: baseline_state_and_step(
+        run_config, classifier, name, key, steps_per_epoch)
+    _fit_denoiser(config, f"train_{name}_denoiser", name, make_state_and_step, classifier,
+                  classifier_variables, train_set, x_adv, key, checkpoint_dir, workdir, mesh,
                   None if budget is None else budget.share(len(names) - index))
 
 

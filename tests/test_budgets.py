@@ -46,7 +46,7 @@ def test_budget_reading_sharing_and_records(tmp_path):
 
 def test_epochs_within_keeps_whole_epochs_between_one_and_the_plan():
   assert budget.epochs_within(1000, 1.0, 10, planned=9) == 9  # fits: unchanged
-  assert budget.epochs_within(100, 1.0, 10, planned=9) == 9 - 0  # 95 s: 9 epochs of 10 s
+  assert budget.epochs_within(100, 1.0, 10, planned=9) == 9  # 95 s: 9 epochs of 10 s
   assert budget.epochs_within(60, 1.0, 10, planned=9) == 5  # 57 s
   assert budget.epochs_within(5, 1.0, 10, planned=9) == 1  # never below one epoch
   fitted = budget.Budget(10, clock=_ticks())
