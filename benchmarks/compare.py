@@ -272,6 +272,7 @@ def main() -> None:
   benchmarks = tuple(args.benchmarks.split(","))
   if not set(benchmarks) <= set(BENCHMARKS):
     parser.error(f"--benchmarks: choose from {','.join(BENCHMARKS)}")
+  print(hardware.host_line(), flush=True)
   print(f"devices {jax.devices()}  batch {args.batch_size}  dtype {args.dtype}  "
         f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   rows = measure(args.models.split(","), args.batch_size, args.dtype, args.warmup, args.repeats,

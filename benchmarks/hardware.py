@@ -6,6 +6,9 @@ row-wise kernel gradients count as their matrix products). A loop body counts on
 loop-free steps are reported this way.
 """
 
+import os
+import time
+
 import jax
 
 # Dense peak TFLOP/s per chip from the vendors' data sheets: (bfloat16, float32). On NVIDIA
@@ -52,3 +55,41 @@ def utilisation(flops: float | None, seconds: float, dtype: str,
   achieved = flops / seconds
   peak = peak_flops(dtype)
   return achieved / 1e12, (achieved / (peak * num_devices) if peak else None)
+
+
+def cpu_summary(cpuinfo: str) -> str:
+  """The CPU's model and widest vector instructions from a ``/proc/cpuinfo`` text, e.g.
+  "AMD EPYC, AVX2+FMA" (2-core machines here differ by 2-3x in speed with these)."""
+  model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                if line.startswith("model name")), "unknown CPU")
+  flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines()
+                if line.startswith(("flags", "Features"))), set())
+  vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                         ("avx", "AVX"), ("asimd", "NEON")) if flag in flags),
+                "no AVX")
+  return f"{model}, {vector}{'+FMA' if 'fma' in flags else ''}"
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+  """Measured float32 GFLOP/s of a jitted ``size`` x ``size`` matrix product on the default
+  device (best of ``repeats``): a one-second yardstick for comparing machines."""
+  x = jax.numpy.ones((size, size), jax.numpy.float32)
+  product = jax.jit(lambda a: a @ a)
+  product(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best / 1e9
+
+
+def host_line() -> str:
+  """One line on the machine: CPU, cores this process may use, and its matrix-product rate."""
+  try:
+    with open("/proc/cpuinfo") as file:
+      cpu = cpu_summary(file.read())
+  except OSError:
+    cpu = "unknown CPU"
+  return (f"host {cpu}, {len(os.sched_getaffinity(0))} cores; float32 matmul "
+          f"{matmul_gflops():.0f} GFLOP/s on {jax.devices()[0].device_kind}")

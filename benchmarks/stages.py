@@ -299,6 +299,7 @@ def main(argv):
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   sizes = set_sizes(config, _NUM_TRAIN.value, _NUM_TEST.value)
+  print(hardware.host_line(), flush=True)
   print(f"devices {jax.devices()}  compute dtype {config.compute_dtype}  examples {sizes}  "
         f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   rows = measure(config, _NUM_TRAIN.value, _NUM_TEST.value, _NUM_CLASSES.value, _REPEATS.value)

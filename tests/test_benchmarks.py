@@ -31,6 +31,14 @@ def test_utilisation_against_the_listed_peak(monkeypatch):
   assert hardware.utilisation(None, 1.5, "float32") == (None, None)
 
 
+def test_cpu_summary_names_the_widest_vector_instructions():
+  avx2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx fma avx2\n"
+  assert hardware.cpu_summary(avx2) == "AMD EPYC, AVX2+FMA"
+  assert hardware.cpu_summary(avx2.replace("avx2", "avx2 avx512f")) == "AMD EPYC, AVX-512+FMA"
+  assert hardware.cpu_summary("Features\t: fp asimd\n") == "unknown CPU, NEON"
+  assert hardware.matmul_gflops(size=64, repeats=1) > 0
+
+
 def test_paired_rounds_alternate_which_side_goes_first():
   calls = []
 
