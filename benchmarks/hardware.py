@@ -59,7 +59,7 @@ def utilisation(flops: float | None, seconds: float, dtype: str,
 
 def cpu_summary(cpuinfo: str) -> str:
   """The CPU's model and widest vector instructions from a ``/proc/cpuinfo`` text, e.g.
-  "AMD EPYC, AVX2+FMA" (2-core machines here differ by 2-3x in speed with these)."""
+  "AMD EPYC, AVX2+FMA" (a CPU step's speed follows its vector width)."""
   model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
                 if line.startswith("model name")), "unknown CPU")
   flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines()
@@ -91,5 +91,6 @@ def host_line() -> str:
       cpu = cpu_summary(file.read())
   except OSError:
     cpu = "unknown CPU"
-  return (f"host {cpu}, {len(os.sched_getaffinity(0))} cores; float32 matmul "
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return (f"host {cpu}, {cores} cores; float32 matmul "
           f"{matmul_gflops():.0f} GFLOP/s on {jax.devices()[0].device_kind}")
