@@ -6,7 +6,9 @@ limit. Each stage checks it at its own boundaries and stops cleanly once it is s
 * training stages (classifier, denoiser, baselines): at the first step boundary past the
   budget, after writing a checkpoint there, so the same command with a larger budget resumes;
 * ``craft``: before the next chunk (the chunks done are kept; the denoisers train on them);
-* ``evaluate``: before the next attack run of the grid (the report holds the runs done).
+* ``evaluate``: before the next batch of an attack run; the grid goes round by round of
+  batches (every run's first batch, then every run's second, ...), so a cut report holds every
+  run, on the first rounds' examples.
 
 With ``config.fit_epochs_to_budget``, a training stage that its budget would cut times its
 first steps and trains fewer whole epochs instead (``epochs_within``), so that its learning-rate

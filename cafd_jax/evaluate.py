@@ -13,6 +13,7 @@ The undefended classifier is the same model under every threat model, so it is a
 (under ``unseen``); the CAF attack runs only under ``unseen``.
 """
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -151,22 +152,72 @@ def build_attack(name: str, config: ml_collections.ConfigDict, classifier: nn.Mo
   raise ValueError(f"eval.attacks: unknown attack {name!r}; choose from {ATTACKS}.")
 
 
-def _accuracies(attack: Callable, predictors: dict[str, Callable], dataset: data.Dataset,
-                variables: dict, batch_size: int, key: jax.Array,
-                mesh: Mesh) -> dict[str, float]:
-  """Accuracy of each predictor on the attack's examples, batch by batch; processes take the
-  batches round-robin, each splitting its batches over its own devices (``mesh``)."""
-  correct = np.zeros(len(predictors), np.int64)
-  for batch_index, start in enumerate(range(0, len(dataset), batch_size)):
-    if not parallel.owns(batch_index):
-      continue
+@dataclasses.dataclass
+class _Run:
+  """One attack run of the grid and its counts so far (``rounds`` of batches done)."""
+
+  run_index: int
+  name: str
+  params: dict
+  threat: str
+  defense: str | None
+  judged: dict[str, Callable]
+  run_id: str
+  rounds: int = 0
+  seen: int = 0
+  correct: dict[str, int] = dataclasses.field(default_factory=dict)
+  attack: Callable | None = None
+
+  def progress(self, num_batches: int) -> dict:
+    """What ``finished_runs`` keeps of the run: its counts on the first ``batches``."""
+    return {"batches": min(self.rounds * jax.process_count(), num_batches), "seen": self.seen,
+            "correct": dict(self.correct)}
+
+  def restore(self, progress: dict, num_batches: int, num_rounds: int) -> bool:
+    """Continues from ``progress``, unless its batches end inside a round of this process
+    count (an earlier run on other processes): then the run starts again."""
+    batches = int(progress["batches"])
+    if batches < num_batches and batches % jax.process_count():
+      return False
+    self.rounds = num_rounds if batches == num_batches else batches // jax.process_count()
+    self.seen = int(progress["seen"])
+    self.correct = {name: int(count) for name, count in progress["correct"].items()}
+    return True
+
+  def rows(self, model_name: str) -> list[dict]:
+    """One row per defense judged, on the ``seen`` examples; none before the first batch."""
+    if not self.seen:
+      return []
+    eps = attack_budget(self.name, self.params)
+    rows = []
+    for defense_name in self.judged:
+      row = {"attack": self.name, "defense": defense_name, "threat_model": self.threat,
+             "model": model_name, "eps": eps, "accuracy": self.correct[defense_name] / self.seen,
+             "n": self.seen}
+      if self.threat == "white_box" and not differentiable(defense_name):
+        row["gradient"] = "bpda"
+      rows.append(row)
+    return rows
+
+
+def _round_counts(attack: Callable, predictors: dict[str, Callable], dataset: data.Dataset,
+                  variables: dict, batch_size: int, round_index: int, key: jax.Array,
+                  mesh: Mesh) -> tuple[dict[str, int], int]:
+  """Correct predictions of each predictor on the attack's examples of one round of batches
+  (one batch per process: round r holds batches r * P .. r * P + P - 1), summed over processes,
+  and the number of examples the round held."""
+  correct = np.zeros(len(predictors) + 1, np.int64)  # the last entry counts the examples
+  batch_index = round_index * jax.process_count() + jax.process_index()
+  start = batch_index * batch_size
+  if start < len(dataset):
     (x, y), count = parallel.put_local_batch((dataset.images[start:start + batch_size],
                                               dataset.labels[start:start + batch_size]), mesh)
     x_adv = attack(variables, x, y, jax.random.fold_in(key, batch_index))
     for index, predict in enumerate(predictors.values()):
-      correct[index] += int(jnp.sum(predict(variables, x_adv)[:count] == y[:count]))
+      correct[index] = int(jnp.sum(predict(variables, x_adv)[:count] == y[:count]))
+    correct[-1] = count
   correct = parallel.sum_over_processes(correct)
-  return {name: int(count) / len(dataset) for name, count in zip(predictors, correct)}
+  return dict(zip(predictors, (int(c) for c in correct[:-1]))), int(correct[-1])
 
 
 def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifier: nn.Module,
@@ -175,12 +226,12 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
              log: Callable[[str], None] = print, model_label: str | None = None,
              mesh: Mesh | None = None, budget: budgets.Budget | None = None,
              on_run: Callable[[list[dict]], None] | None = None,
-             finished_runs: dict[str, list[dict]] | None = None,
+             finished_runs: dict[str, dict] | None = None,
              identity: dict | None = None) -> list[dict]:
-  """One row per (attack, eps, threat model, defense) with its accuracy.
+  """One row per (attack, eps, threat model, defense) with its accuracy on its ``n`` examples.
 
   Batches are split over ``mesh`` (default: this process's devices, ``parallel.local_mesh``);
-  several processes share the batches and sum their counts.
+  several processes take one batch each per round and sum their counts.
 
   ``denoisers`` maps each learned defense in ``defense_names`` (``cafd``, ``pixel``, ``hgd``) to
   its module; ``variables`` is ``{"classifier": ..., <denoiser name>: ...}``.
@@ -188,67 +239,92 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
   (accuracy-vs-eps curves), under ``config.eval.sweep_threat_models`` (empty: all of
   ``threat_models``). Rows name the model ``model_label`` (default: config.model.name).
 
-  The attack runs go threat model by threat model, in the order of ``threat_models`` (so all
-  unseen rows come first by default), each in the order of ``attack_names`` then the sweep;
-  the adaptive threat models attack only ``config.eval.adaptive_attacks`` (empty: all) through
-  ``config.eval.adaptive_defenses``. With a ``budget``, no run starts once it is spent (after
-  the first), and the rows done are returned. ``on_run(rows so far)`` is called after each run.
+  The grid goes round by round of ``config.eval.batch_size`` examples: every attack run takes
+  the first batch, then every run the second, and so on. Within a round the runs go threat
+  model by threat model, in the order of ``threat_models`` (unseen first by default), each in
+  the order of ``attack_names`` then the sweep; the adaptive threat models attack only
+  ``config.eval.adaptive_attacks`` (empty: all) through ``config.eval.adaptive_defenses``.
+  With a ``budget``, no batch starts once it is spent (after the first): a cut grid keeps every
+  run, on fewer examples (the first rounds; each row's ``n``), instead of dropping its last runs.
+  ``on_run(rows so far)`` is called after each batch of a run.
 
-  ``finished_runs`` (id -> rows) holds runs done before: a run whose id (``run_id``: the run,
-  ``identity`` and the model's name) is there is not attacked again, its rows are reused; each
-  run done now is added to it, before ``on_run``.
+  ``finished_runs`` (id -> counts) holds runs done, in whole or in part, before: a run whose id
+  (``run_id``: the run, ``identity``, the model's name and the set) is there continues after the
+  rounds it has; each batch done now updates it, before ``on_run``.
   """
   mesh = mesh or parallel.local_mesh()
   variables = parallel.replicate(variables, mesh)
   preprocess = preprocessors(defense_names, denoisers, config)
   predictors = defense_predictors(classifier, preprocess)
   model_name = model_label or config.model.name
-  plan = attack_runs(config, defense_names, attack_names, threat_models)
-  results, attacked = [], 0
-  for done, (run_index, name, params, threat, defense) in enumerate(plan):
-    eps = attack_budget(name, params)
+  batch_size = config.eval.batch_size
+  num_batches = -(-len(dataset) // batch_size)
+  num_rounds = -(-num_batches // jax.process_count())
+  runs = []
+  for run_index, name, params, threat, defense in attack_runs(config, defense_names,
+                                                              attack_names, threat_models):
     judged = predictors if defense is None else {defense: predictors[defense]}
-    this_run = run_id(identity or {}, model_name, run_index, name, params, threat, defense,
-                      list(judged), len(dataset))
-    if finished_runs is not None and this_run in finished_runs:
-      results += finished_runs[this_run]
+    runs.append(_Run(run_index, name, params, threat, defense, judged,
+                     run_id(identity or {}, model_name, run_index, name, params, threat, defense,
+                            list(judged), len(dataset)),
+                     correct={defense_name: 0 for defense_name in judged}))
+  rows = lambda: [row for run in runs for row in run.rows(model_name)]
+  for run in runs:
+    if (finished_runs is not None and run.run_id in finished_runs
+        and run.restore(finished_runs[run.run_id], num_batches, num_rounds)):
       if parallel.is_primary():
-        log(f"[evaluate] {threat:>9}  attack {name:>10}  kept from an earlier run "
-            f"({len(finished_runs[this_run])} rows)")
+        log(f"[evaluate] {run.threat:>9}  attack {run.name:>10}  kept from an earlier run "
+            f"({run.rounds}/{num_rounds} rounds, n={run.seen})")
+  if on_run is not None and any(run.seen for run in runs):
+    on_run(rows())
+  attacked = 0
+  for round_index in range(num_rounds):
+    for done, run in enumerate(runs):
+      if run.rounds > round_index:
+        continue
+      if attacked and budget is not None and budget.spent():
+        budget.cut(model=model_name, round=f"{round_index + 1}/{num_rounds}",
+                   run=f"{done}/{len(runs)}",
+                   next=f"{run.name} {run.threat} {run.defense or 'all'}")
+        if parallel.is_primary():
+          log(f"[evaluate] time budget of {budget.max_seconds:g}s spent in round "
+              f"{round_index + 1} of {num_rounds}, before attack run {done + 1} of {len(runs)} "
+              f"for {model_name}: rows on n={sorted({r.seen for r in runs})} examples")
+        return rows()
+      attacked += 1
+      if run.attack is None:
+        run.attack = build_attack(run.name, config, classifier, run.threat,
+                                  run.defense or "none", preprocess.get(run.defense), run.params,
+                                  mesh)
+      run_key = jax.random.fold_in(key, run.run_index)
+      if run.threat != "unseen":  # unseen keeps the keys of earlier, unseen-only reports
+        run_key = jax.random.fold_in(run_key, THREAT_MODELS.index(run.threat))
+      correct, count = _round_counts(run.attack, run.judged, dataset, variables, batch_size,
+                                     round_index, run_key, mesh)
+      run.correct = {name: run.correct[name] + correct[name] for name in run.judged}
+      run.seen += count
+      run.rounds += 1
+      if finished_runs is not None:
+        finished_runs[run.run_id] = run.progress(num_batches)
+      if parallel.is_primary():
+        _log_run(run, num_rounds, model_name, log)
       if on_run is not None:
-        on_run(results)
-      continue
-    if attacked and budget is not None and budget.spent():
-      budget.cut(model=model_name, run=f"{done}/{len(plan)}",
-                 next=f"{name} {threat} {defense or 'all'}")
-      if parallel.is_primary():
-        log(f"[evaluate] time budget of {budget.max_seconds:g}s spent: {done} of {len(plan)} "
-            f"attack runs done for {model_name}")
-      break
-    attacked += 1
-    attack = build_attack(name, config, classifier, threat, defense or "none",
-                          preprocess.get(defense), params, mesh)
-    run_key = jax.random.fold_in(key, run_index)
-    if threat != "unseen":  # unseen keeps the keys of earlier, unseen-only reports
-      run_key = jax.random.fold_in(run_key, THREAT_MODELS.index(threat))
-    accuracies = _accuracies(attack, judged, dataset, variables, config.eval.batch_size,
-                             run_key, mesh)
-    first_row = len(results)
-    for defense_name, accuracy in accuracies.items():
-      row = {"attack": name, "defense": defense_name, "threat_model": threat,
-             "model": model_name, "eps": eps, "accuracy": accuracy, "n": len(dataset)}
-      if threat == "white_box" and not differentiable(defense_name):
-        row["gradient"] = "bpda"
-      results.append(row)
-      eps_text = "" if eps is None else f"  eps {eps:.4g}"
-      if parallel.is_primary():
-        log(f"[evaluate] {threat:>9}  attack {name:>10}{eps_text}  defense {defense_name:>9}"
-            f"  accuracy {accuracy:.4f}  (n={len(dataset)})")
-    if finished_runs is not None:
-      finished_runs[this_run] = results[first_row:]
-    if on_run is not None:
-      on_run(results)
-  return results
+        on_run(rows())
+  return rows()
+
+
+def _log_run(run: _Run, num_rounds: int, model_name: str, log: Callable[[str], None]) -> None:
+  """A line per defense once the run is complete; one progress line after its earlier rounds."""
+  eps = attack_budget(run.name, run.params)
+  eps_text = "" if eps is None else f"  eps {eps:.4g}"
+  if run.rounds < num_rounds:
+    accuracies = "  ".join(f"{name} {run.correct[name] / run.seen:.4f}" for name in run.judged)
+    log(f"[evaluate] {run.threat:>9}  attack {run.name:>10}{eps_text}  round {run.rounds}/"
+        f"{num_rounds}  n={run.seen}  {accuracies}")
+    return
+  for row in run.rows(model_name):
+    log(f"[evaluate] {run.threat:>9}  attack {run.name:>10}{eps_text}  defense "
+        f"{row['defense']:>9}  accuracy {row['accuracy']:.4f}  (n={run.seen})")
 
 
 def run_id(identity: dict, model_name: str, run_index: int, name: str, params: dict,
@@ -256,8 +332,8 @@ def run_id(identity: dict, model_name: str, run_index: int, name: str, params: d
   """A digest of everything an attack run's rows depend on: ``identity`` (the config parts and
   checkpoints behind them, ``pipeline``'s choice), the model, the run's place in the grid (its
   PRNG key), the attack and its parameters, the threat model, the defenses judged and the set
-  size."""
-  described = json.dumps([identity, model_name, run_index, name, params, threat, defense,
+  size (what ``finished_runs`` keeps of a run: its counts on its first batches)."""
+  described = json.dumps(["counts by batch", identity, model_name, run_index, name, params, threat, defense,
                           list(judged), num_examples], sort_keys=True, default=repr)
   return hashlib.sha256(described.encode("utf-8")).hexdigest()[:20]
 

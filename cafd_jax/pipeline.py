@@ -44,7 +44,7 @@ CLASSIFIER_DIR = "checkpoints/classifier"
 DENOISER_DIR = "checkpoints/denoiser"
 CRAFT_DIR = "craft"
 CLASSES_FILE = "classes.json"
-EVAL_RUNS_FILE = "eval_runs.json"  # rows of each finished attack run, by evaluate.run_id
+EVAL_RUNS_FILE = "eval_runs.json"  # each attack run's counts on its batches done, by evaluate.run_id
 # Fields of config.eval that choose which runs the grid holds, not what a run computes.
 _GRID_FIELDS = ("attacks", "defenses", "threat_models", "adaptive_defenses", "adaptive_attacks",
                 "sweep_attack", "sweep_eps", "sweep_threat_models", "figure_attack",
@@ -657,10 +657,10 @@ def run_evaluation(config, workdir, test_set: data.Dataset,
                    on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
   """The evaluation grid for this run's classifier and every transfer target; also writes the
   arrays of the CAM picture. With a ``budget``, no attack run (nor the picture) starts once it
-  is spent; the rows done are returned. ``on_rows(all rows so far)`` after each attack run.
-  Each finished run's rows are kept in ``DIR/eval_runs.json`` at once; a rerun reuses those
-  of every run whose settings and checkpoints match (``evaluate.run_id``), so a killed or
-  budget-cut evaluation continues where it stopped."""
+  is spent; the rows done are returned. ``on_rows(all rows so far)`` after each batch of an
+  attack run. Each run's counts are kept in ``DIR/eval_runs.json`` after each of its batches;
+  a rerun continues every run whose settings and checkpoints match (``evaluate.run_id``) after
+  the batches it has, so a killed or budget-cut evaluation continues where it stopped."""
   defense_names = config_checks.split_names(config.eval.defenses)
   own_classifier = restore_classifier(config, workdir, test_set.num_classes)  # the first stage
   denoisers, denoiser_variables = {}, {}

@@ -31,7 +31,8 @@ The budgets below give each stage what that run measured it needs for the whole 
 (20,000 crafted examples, 2,000 steps per denoiser) on that machine: 8,900 s in all, within
 2 h 30 min with start-up. On a slower machine ``fit_epochs_to_budget`` times the first steps of
 the classifier and of each denoiser and trains the whole epochs that fit, its one-cycle schedule
-shortened to match (not cut part-way); crafting and evaluation stop where their budgets end.
+shortened to match (not cut part-way); crafting stops where its budget ends, and evaluation too,
+with every row of its grid on the examples of the rounds of 500 done (their ``n``).
 DIR/stages.json and report.json say what was fitted or cut.
 """
 

@@ -143,8 +143,9 @@ def test_every_stage_cut_then_the_same_command_with_time_reaches_the_uninterrupt
   assert stages["craft"]["cut_at"] == [{"chunk": "1/3", "examples": "100/300"}]
   assert stages["train_denoiser"]["cut_at"] == [
       {"stage": "train_denoiser", "epoch": "1/1", "step": "1/2"}]
-  assert stages["evaluate"]["cut_at"] == [{"model": "vgg_tiny", "run": "1/3", "next": "pgd unseen all"},
-                                          {"figure": "cam_grid"}]
+  assert stages["evaluate"]["cut_at"] == [
+      {"model": "vgg_tiny", "round": "1/1", "run": "1/3", "next": "pgd unseen all"},
+      {"figure": "cam_grid"}]
   assert not stages["train_baselines"]["cut"]  # nothing to train in the tiny config
   assert all(record["max_seconds"] == 0.001 for name, record in stages.items()
              if name != "train_baselines")
