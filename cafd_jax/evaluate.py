@@ -163,6 +163,7 @@ class _Run:
   defense: str | None
   judged: dict[str, Callable]
   run_id: str
+  key: jax.Array  # folded with each batch's index
   rounds: int = 0
   seen: int = 0
   correct: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -264,10 +265,13 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
   for run_index, name, params, threat, defense in attack_runs(config, defense_names,
                                                               attack_names, threat_models):
     judged = predictors if defense is None else {defense: predictors[defense]}
+    run_key = jax.random.fold_in(key, run_index)
+    if threat != "unseen":  # unseen keeps the keys of earlier, unseen-only reports
+      run_key = jax.random.fold_in(run_key, THREAT_MODELS.index(threat))
     runs.append(_Run(run_index, name, params, threat, defense, judged,
                      run_id(identity or {}, model_name, run_index, name, params, threat, defense,
                             list(judged), len(dataset)),
-                     correct={defense_name: 0 for defense_name in judged}))
+                     run_key, correct={defense_name: 0 for defense_name in judged}))
   rows = lambda: [row for run in runs for row in run.rows(model_name)]
   for run in runs:
     if (finished_runs is not None and run.run_id in finished_runs
@@ -296,11 +300,8 @@ def evaluate(config: ml_collections.ConfigDict, dataset: data.Dataset, classifie
         run.attack = build_attack(run.name, config, classifier, run.threat,
                                   run.defense or "none", preprocess.get(run.defense), run.params,
                                   mesh)
-      run_key = jax.random.fold_in(key, run.run_index)
-      if run.threat != "unseen":  # unseen keeps the keys of earlier, unseen-only reports
-        run_key = jax.random.fold_in(run_key, THREAT_MODELS.index(run.threat))
       correct, count = _round_counts(run.attack, run.judged, dataset, variables, batch_size,
-                                     round_index, run_key, mesh)
+                                     round_index, run.key, mesh)
       run.correct = {name: run.correct[name] + correct[name] for name in run.judged}
       run.seen += count
       run.rounds += 1

@@ -656,8 +656,8 @@ def run_evaluation(config, workdir, test_set: data.Dataset,
                    budget: budgets.Budget | None = None,
                    on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
   """The evaluation grid for this run's classifier and every transfer target; also writes the
-  arrays of the CAM picture. With a ``budget``, no attack run (nor the picture) starts once it
-  is spent; the rows done are returned. ``on_rows(all rows so far)`` after each batch of an
+  arrays of the CAM picture. With a ``budget``, no batch of an attack run (nor the picture)
+  starts once it is spent; the rows done are returned. ``on_rows(all rows so far)`` after each batch of an
   attack run. Each run's counts are kept in ``DIR/eval_runs.json`` after each of its batches;
   a rerun continues every run whose settings and checkpoints match (``evaluate.run_id``) after
   the batches it has, so a killed or budget-cut evaluation continues where it stopped."""

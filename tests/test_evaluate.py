@@ -52,8 +52,8 @@ def test_a_budget_cut_grid_keeps_every_run_on_its_first_batches_and_resumes_to_t
   classifier = factory.classifier(config, 10)
   variables = {"classifier": classifier.init(jax.random.key(0), factory.sample_images(config))}
 
-  def grid(cut=None, finished=None, log=print):
-    return evaluate.evaluate(config, dataset, classifier, {}, variables, ["none", "median"],
+  def grid(cut=None, finished=None, log=print, examples=dataset):
+    return evaluate.evaluate(config, examples, classifier, {}, variables, ["none", "median"],
                              ["none", "pgd"], ["unseen", "white_box"], jax.random.key(1),
                              log=log, budget=cut, finished_runs=finished)
 
@@ -72,9 +72,8 @@ def test_a_budget_cut_grid_keeps_every_run_on_its_first_batches_and_resumes_to_t
   assert cut.cuts == [{"model": "vgg_tiny", "round": "2/3", "run": "0/3",
                        "next": "none unseen all"}]
   assert sorted(progress["batches"] for progress in finished.values()) == [1, 1, 1]
-  four = evaluate.evaluate(config, dataset.take(4), classifier, {}, variables, ["none", "median"],
-                           ["none", "pgd"], ["unseen", "white_box"], jax.random.key(1))
-  assert first_round == four  # the same keys per batch: the first batch's rows alone
+  # The same keys per batch: the rows of the first batch alone.
+  assert first_round == grid(examples=dataset.take(4))
 
   lines = []
   assert grid(finished=finished, log=lines.append) == whole  # continues after round 1
