@@ -54,8 +54,11 @@ def _drop_closed_loop_errors() -> None:
   """A failed restore (a damaged checkpoint) leaves reads in flight. As each ends after Orbax's
   event loop has closed, it raises "Event loop is closed" where nothing can catch it (printed
   as an unraisable exception's traceback), and leaves a future that asyncio logs as "exception
-  was never retrieved". Neither says anything to the user, who gets one warning line instead:
-  from now on this drops exactly those two kinds of message."""
+  was never retrieved"; a read not yet started stays an unawaited coroutine, which Python
+  reports at exit ("coroutine ... was never awaited"). None says anything to the user, who
+  gets one warning line instead: from now on this drops exactly those three kinds of message."""
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
   asyncio_log = logging.getLogger("asyncio")
   if not any(isinstance(f, _NeverRetrievedFilter) for f in asyncio_log.filters):
     asyncio_log.addFilter(_NeverRetrievedFilter())

@@ -2,6 +2,8 @@
 fail clearly."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 
 from cafd_jax import budget, checkpoint, data, factory
 from cafd_jax.train import classifier, loop
+from conftest import ROOT
 
 
 class Interrupted(Exception):
@@ -116,3 +119,23 @@ def test_missing_checkpoint_says_which_stage_to_run(tiny_config, tmp_path):
   state = factory.classifier_state(tiny_config, 10, jax.random.key(0), steps_per_epoch=1)
   with pytest.raises(checkpoint.CheckpointError, match="run its training stage first"):
     checkpoint.require_latest(str(tmp_path / "none"), state, "classifier")
+
+
+_LEFT_OVER_READ = """
+import sys
+from cafd_jax import checkpoint
+if sys.argv[1] == "after_failed_restore":
+  checkpoint._drop_closed_loop_errors()
+async def read():
+  pass
+pending = read()  # what a failed restore's unstarted read leaves until exit
+"""
+
+
+@pytest.mark.parametrize("after_failed_restore", [False, True])
+def test_unawaited_reads_of_a_failed_restore_print_nothing_at_exit(after_failed_restore):
+  """Python reports a never-awaited coroutine at exit; after a restore this must stay silent."""
+  argument = "after_failed_restore" if after_failed_restore else "plain"
+  result = subprocess.run([sys.executable, "-c", _LEFT_OVER_READ, argument],
+                          cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
+  assert ("was never awaited" in result.stderr) is not after_failed_restore, result.stderr
