@@ -26,6 +26,7 @@ def classifier(config: ml_collections.ConfigDict, num_classes: int,
                                   mean=model.mean, std=model.std, depth=model.depth,
                                   widen_factor=model.widen_factor,
                                   head=model.head, logit_scale=model.get("logit_scale", 1.0),
+                                  whiten_padding=model.get("whiten_padding", "valid"),
                                   dtype=dtype)
 
 

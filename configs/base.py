@@ -56,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   # gap_dense (CAM's head) | flatten_mlp (flatten + two dense layers: needs caf.weights=gradcam*)
   config.model.head = "gap_dense"
   config.model.logit_scale = 1.0  # fixed factor on the logits (airbench: 1/9)
+  # airbench93/94 only: "valid" (airbench's maps, 31 -> 15 -> 7 -> 3) or "same" (32 -> ... -> 4)
+  config.model.whiten_padding = "valid"
   config.model.mean = (0.4914, 0.4822, 0.4465)  # input normalisation inside the classifier
   config.model.std = (0.2470, 0.2435, 0.2616)
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from cafd_jax import attacks, config_checks, models
 from cafd_jax.models import taps
@@ -104,13 +105,13 @@ def test_dirac_initialisation_starts_as_identity():
 
 @pytest.mark.parametrize("weights, layer", [
     ("cam", taps.DEFAULT_LAYER), ("gradcam", taps.DEFAULT_LAYER),
-    ("gradcampp", taps.DEFAULT_LAYER), ("gradcam", "block1_conv1:input")])  # the 8x8 map
+    ("gradcampp", taps.DEFAULT_LAYER), ("gradcam", "block1_conv1:input")])  # the 7x7 map
 def test_cam_gradcam_and_the_caf_attack_accept_it(weights, layer):
   images, labels = _blobs(4, seed=3)
   model = models.create_classifier("airbench93", num_classes=2, width=0.25)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   _, features = taps.apply_tapped(model, variables, jnp.asarray(images), taps.DEFAULT_LAYER)
-  assert features.shape == (4, 4, 4, 32)  # the last block's map: 4x4, CAM's input
+  assert features.shape == (4, 3, 3, 32)  # the last block's map: 3x3, CAM's input
   caf_fn = denoiser_train.classifier_caf_fn(model, variables, "weighted_features", "label",
                                             weights, layer)
   attack = jax.jit(lambda x, y, key: attacks.caf_attack(caf_fn, x, y, key, eps=8 / 255,
@@ -119,6 +120,29 @@ def test_cam_gradcam_and_the_caf_attack_accept_it(weights, layer):
   x_adv = attack(x, y, jax.random.key(0))
   assert 0 < float(jnp.max(jnp.abs(x_adv - x))) <= 8 / 255 + 1e-6
   assert float(jnp.mean((caf_fn(x_adv, y) - caf_fn(x, y)) ** 2)) > 0
+
+
+def test_valid_whitening_floors_the_odd_maps_as_airbench_and_same_keeps_them_even():
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  valid = models.create_classifier("airbench93", num_classes=2, width=0.25)
+  variables = valid.init(jax.random.key(1), x)
+  _, features = valid.apply(variables, x, return_features=True)
+  assert features.shape == (2, 3, 3, 32)
+  # The crop + fast pooling equals floor pooling of the odd map, gradients included.
+  odd = jax.random.normal(jax.random.key(2), (2, 15, 15, 4))
+  floor_pool = lambda h: jnp.sum(nn.max_pool(h, (2, 2), strides=(2, 2)) ** 2)
+  ours = lambda h: jnp.sum(models.layers.max_pool_2x2(models.airbench._even_crop(h)) ** 2)
+  np.testing.assert_allclose(ours(odd), floor_pool(odd), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(odd), jax.grad(floor_pool)(odd), rtol=1e-6)
+  # "same" pads the whitening: the geometry of earlier runs, on the same parameters.
+  same = models.create_classifier("airbench93", num_classes=2, width=0.25,
+                                  whiten_padding="same")
+  _, features = same.apply(variables, x, return_features=True)
+  assert features.shape == (2, 4, 4, 32)
+  config = tiny.get_config()
+  config.model.whiten_padding = "full"
+  with pytest.raises(config_checks.ConfigError, match="whiten_padding"):
+    config_checks.validate(config)
 
 
 def test_whitening_is_refused_for_other_models():

@@ -17,11 +17,13 @@ CLASSIFIERS = tuple(VGG_LAYOUTS) + tuple(RESNET_DEPTHS) + ("wrn",) + tuple(AIRBE
 
 def create_classifier(name: str, *, num_classes: int, width: float = 1.0, mean=None, std=None,
                       depth: int = 28, widen_factor: int = 10, head: str = "gap_dense",
-                      logit_scale: float = 1.0, dtype: jnp.dtype = jnp.float32) -> nn.Module:
+                      logit_scale: float = 1.0, whiten_padding: str = "valid",
+                      dtype: jnp.dtype = jnp.float32) -> nn.Module:
   """Builds a classifier from the zoo by name (see ``CLASSIFIERS``). ``dtype`` is the compute
   dtype (parameters stay float32; the logits are float32). ``head``: ``gap_dense`` (CAM's GAP +
   dense) or ``flatten_mlp`` (flatten + two dense layers; needs Grad-CAM weights);
-  ``logit_scale`` multiplies the logits."""
+  ``logit_scale`` multiplies the logits; ``whiten_padding``: airbench layouts only (see
+  cafd_jax/models/airbench.py)."""
   if head not in HEADS:
     raise ValueError(f"model.head must be one of {HEADS}, got {head!r}.")
   kwargs = dict(num_classes=num_classes, width=width, head=head, logit_scale=logit_scale,
@@ -36,7 +38,7 @@ def create_classifier(name: str, *, num_classes: int, width: float = 1.0, mean=N
   if name == "wrn":
     return WideResNet(depth=depth, widen_factor=widen_factor, **kwargs)
   if name in AIRBENCH_LAYOUTS:
-    return AirbenchNet(layout=AIRBENCH_LAYOUTS[name], **kwargs)
+    return AirbenchNet(layout=AIRBENCH_LAYOUTS[name], whiten_padding=whiten_padding, **kwargs)
   raise ValueError(f"model.name must be one of {CLASSIFIERS}, got {name!r}.")
 
 

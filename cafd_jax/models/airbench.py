@@ -2,9 +2,11 @@
 
 A fixed 2x2 patch-whitening convolution, then three blocks of conv -> 2x2 max pool -> BN -> GELU
 -> conv -> BN -> GELU, then the zoo's GAP + dense head (so CAM applies to the last block's map).
-Differences from airbench, each for this project's needs: the whitening convolution pads its
-right and bottom edge so that the maps stay even (32 -> 16 -> 8 -> 4; the CPU's fast pooling and
-a 4x4 CAM); the head averages rather than max-pools, without airbench's fixed logit scale.
+As in airbench, the whitening convolution is unpadded and each pooling drops an odd last row and
+column (maps 31 -> 15 -> 7 -> 3, a 3x3 CAM); ``whiten_padding="same"`` pads its right and bottom
+edge instead (32 -> 16 -> 8 -> 4: 24% more FLOPs, 28% slower training steps on 2 CPU cores; the
+geometry of runs before this option existed). The head averages rather than max-pools, without
+airbench's fixed logit scale.
 
 The whitening kernel is data-dependent: ``whitening_kernel`` computes it from training images
 and ``classifier.whiten_patches`` (train/classifier.py) installs and freezes it. Convolutions
@@ -26,6 +28,7 @@ LAYOUTS: dict[str, tuple[int, int, int]] = {
     "airbench94": (64, 256, 256),
 }
 WHITEN_LAYER = "whiten"
+WHITEN_PADDINGS = ("valid", "same")
 
 
 def dirac_uniform(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jnp.ndarray:
@@ -57,6 +60,11 @@ def whitening_kernel(normalized_images: np.ndarray, patch_size: int = 2,
   return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
 
 
+def _even_crop(h: jnp.ndarray) -> jnp.ndarray:
+  """Drops an odd last row and column of an NHWC map: PyTorch's floor pooling, as airbench has it."""
+  return h[:, :h.shape[1] // 2 * 2, :h.shape[2] // 2 * 2]
+
+
 class AirbenchNet(nn.Module):
   """Whitening conv + three conv blocks + GAP/dense head. Returns logits, or (logits, last
   conv features)."""
@@ -70,6 +78,7 @@ class AirbenchNet(nn.Module):
   head: str = "gap_dense"  # see common.HEADS
   logit_scale: float = 1.0  # fixed factor on the logits
   patch_size: int = 2
+  whiten_padding: str = "valid"  # see WHITEN_PADDINGS and the module docstring
 
   def _norm(self, h, train: bool, name: str):
     # airbench's running statistics keep 0.6 of the old value per step (PyTorch momentum 0.4).
@@ -85,14 +94,18 @@ class AirbenchNet(nn.Module):
                         (self.patch_size, self.patch_size, channels,
                          2 * self.patch_size ** 2 * channels))
     whiten_bias = self.param(f"{WHITEN_LAYER}_bias", nn.initializers.zeros, (whiten.shape[-1],))
-    pad = ((0, self.patch_size - 1), (0, self.patch_size - 1))  # keeps the map's size
+    if self.whiten_padding not in WHITEN_PADDINGS:
+      raise ValueError(f"model.whiten_padding must be one of {WHITEN_PADDINGS}, "
+                       f"got {self.whiten_padding!r}.")
+    edge = self.patch_size - 1 if self.whiten_padding == "same" else 0
+    pad = ((0, edge), (0, edge))
     h = layers.conv_general_dilated(h, whiten.astype(self.dtype), (1, 1), pad,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
     h = nn.gelu(h + whiten_bias.astype(self.dtype))
     for index, channels_out in enumerate(self.layout):
       channels_out = common.scaled(channels_out, self.width)
       h = self._conv(channels_out, f"block{index}_conv0")(h)
-      h = self._norm(layers.max_pool_2x2(h), train, f"block{index}_norm0")
+      h = self._norm(layers.max_pool_2x2(_even_crop(h)), train, f"block{index}_norm0")
       h = self._conv(channels_out, f"block{index}_conv1")(h)
       h = self._norm(h, train, f"block{index}_norm1")
     features = h.astype(jnp.float32)
