@@ -6,8 +6,9 @@ is shortened to fit the CPU, and the time each stage was given (SPLIT below), is
 - target: ``airbench94`` (cafd_jax/models/airbench.py; 1.97M parameters) with airbench's
   training tricks (patch whitening, airbench94_muon's Muon for the convolution kernels and
   one-cycle nesterov SGD for the rest, label smoothing 0.2, 64x lr on BatchNorm biases,
-  2-pixel crops of the mirror-padded image, alternating flips, lookahead), 9 epochs at batch
-  1,024 (90.69% alone in 2,721 s, docs/results.md), instead of VGG-19 for 200 epochs;
+  2-pixel crops of the mirror-padded image, alternating flips, lookahead) and its geometry
+  (maps 31 -> 15 -> 7 -> 3), 9 epochs at batch 1,024 (90.30% alone in 2,577 s,
+  docs/results.md), instead of VGG-19 for 200 epochs;
 - crafting: CAF-PGD, 20 steps of 2/255 (eps 8/255) on 20,000 training images, not 100 steps
   of 0.01 on all 50,000;
 - denoisers: CAFD (the reference code's feature loss), CAFD with the paper's CAF loss
@@ -33,7 +34,11 @@ The budgets below give each stage what that run measured it needs for the whole 
 the classifier and of each denoiser and trains the whole epochs that fit, its one-cycle schedule
 shortened to match (not cut part-way); crafting stops where its budget ends, and evaluation too,
 with every row of its grid on the examples of the rounds of 500 done (their ``n``).
-DIR/stages.json and report.json say what was fitted or cut.
+DIR/stages.json and report.json say what was fitted or cut. With airbench's geometry (commit
+65b757b) ``python -m benchmarks.stages --config configs/cifar10_cpu.py`` estimated on
+2026-12-03's machine: target 41.4 min, crafting 20.4, CAFD 24.9, baselines 46.4, evaluation
+19.9 (without white-box PGD and the sweep): 2.5 h, so there crafting and the denoisers would be
+cut or fitted; a machine about 10% faster runs the whole config (docs/benchmarks.md).
 """
 
 from configs import base

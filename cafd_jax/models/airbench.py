@@ -4,9 +4,9 @@ A fixed 2x2 patch-whitening convolution, then three blocks of conv -> 2x2 max po
 -> conv -> BN -> GELU, then the zoo's GAP + dense head (so CAM applies to the last block's map).
 As in airbench, the whitening convolution is unpadded and each pooling drops an odd last row and
 column (maps 31 -> 15 -> 7 -> 3, a 3x3 CAM); ``whiten_padding="same"`` pads its right and bottom
-edge instead (32 -> 16 -> 8 -> 4: 24% more FLOPs, 28% slower training steps on 2 CPU cores; the
-geometry of runs before this option existed). The head averages rather than max-pools, without
-airbench's fixed logit scale.
+edge instead (32 -> 16 -> 8 -> 4: 29% more FLOPs, and training steps 29% longer on 2 CPU
+cores, docs/benchmarks.md; the geometry of runs before this option existed). The head averages
+rather than max-pools, without airbench's fixed logit scale.
 
 The whitening kernel is data-dependent: ``whitening_kernel`` computes it from training images
 and ``classifier.whiten_patches`` (train/classifier.py) installs and freezes it. Convolutions
