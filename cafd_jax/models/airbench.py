@@ -61,7 +61,7 @@ def whitening_kernel(normalized_images: np.ndarray, patch_size: int = 2,
 
 
 def _even_crop(h: jnp.ndarray) -> jnp.ndarray:
-  """Drops an odd last row and column of an NHWC map: PyTorch's floor pooling, as airbench has it."""
+  """Drops an odd last row and column of an NHWC map: PyTorch's floor pooling (airbench's)."""
   return h[:, :h.shape[1] // 2 * 2, :h.shape[2] // 2 * 2]
 
 
