@@ -18,27 +18,24 @@ is shortened to fit the CPU, and the time each stage was given (SPLIT below), is
   20 steps, 3 target classes), CW-L2 (20 steps, one constant), DDN (20 steps), the CAF attack
   (20 steps); white-box PGD-20 through the CAFD denoiser only; PGD at 4 and 16/255 (unseen).
 
-The split, from the whole run of 2026-12-01 (commit 6c5c0ec, 2 cores, docs/results.md; its
-target then: SGD alone, 10 epochs, 89.42%), each stage's ``[pipeline] STAGE took`` against its
-budget then:
-  train_classifier  480 steps, 2,514 s                        budget 2,750 s (not cut)
-  craft             38 of 40 chunks of 500 at ~18 img/s, 1,064 s  budget 1,050 s (cut)
-  train_denoiser    CAFD, 1,782 of 1,900 steps, 1,012 s           budget 1,010 s (cut)
-  train_baselines   pixel 352 s (whole), hgd 965 s (1,820 of 1,900 steps), cafd_caf 934 s
-                    (1,652 of 1,900), 2,252 s                     budget 2,250 s (cut)
-  evaluate          2,000 images, 5 unseen attacks, the sweep, white-box PGD, 1,203 s
-                                                                  budget 1,500 s (not cut)
-The budgets below give each stage what that run measured it needs for the whole config
-(20,000 crafted examples, 2,000 steps per denoiser) on that machine: 8,900 s in all, within
-2 h 30 min with start-up. On a slower machine ``fit_epochs_to_budget`` times the first steps of
-the classifier and of each denoiser and trains the whole epochs that fit, its one-cycle schedule
-shortened to match (not cut part-way); crafting stops where its budget ends, and evaluation too,
-with every row of its grid on the examples of the rounds of 500 done (their ``n``).
-DIR/stages.json and report.json say what was fitted or cut. With airbench's geometry (commit
-65b757b) ``python -m benchmarks.stages --config configs/cifar10_cpu.py`` estimated on
-2026-12-03's machine: target 41.4 min, crafting 20.4, CAFD 24.9, baselines 46.4, evaluation
-19.9 (without white-box PGD and the sweep): 2.5 h, so there crafting and the denoisers would be
-cut or fitted; a machine about 10% faster runs the whole config (docs/benchmarks.md).
+The split follows what each stage needs for the whole config (20,000 crafted examples, 2,000
+steps per denoiser), measured on a 2-core machine of 2026-12-03 with airbench's geometry (commit
+65b757b): the target's stage alone took 2,577 s (its ``[pipeline] train_classifier took``);
+``python -m benchmarks.stages --config configs/cifar10_cpu.py`` estimated crafting 1,224 s, CAFD
+1,494 s, the baselines 2,784 s and evaluation 1,194 s before white-box PGD and the eps sweep
+(about 450 s more from its PGD row: three more PGD runs and their predictions), 9,700 s in all.
+The target keeps its need (its epochs should not be fitted: 8 gave 89.9-90.4% with the earlier
+geometry); the other stages share the rest of 8,900 s (2 h 30 min with start-up) in proportion
+to their needs, 87.5% of each:
+  train_classifier 2,650   craft 1,070   train_denoiser 1,305   train_baselines 2,435
+  evaluate 1,440
+So that machine would craft about 17,500 examples and fit the denoisers to 8-9 of 10 epochs; one
+whose steps take 12.5% less time runs the whole config uncut (docs/benchmarks.md has the stage
+table). On a slower machine ``fit_epochs_to_budget`` times the first steps of the classifier and
+of each denoiser and trains the whole epochs that fit, its one-cycle schedule shortened to match
+(not cut part-way); crafting stops where its budget ends, and evaluation too, with every row of
+its grid on the examples of the rounds of 500 done (their ``n``).
+DIR/stages.json and report.json say what was fitted or cut.
 """
 
 from configs import base
@@ -48,8 +45,8 @@ def get_config():
   config = base.get_config()
   config.data.source = "folder:../shared/data/cifar10"
   config.log_every_steps = 100
-  config.max_seconds.update(dict(train_classifier=2650.0, craft=1150.0, train_denoiser=1150.0,
-                                 train_baselines=2600.0, evaluate=1350.0))
+  config.max_seconds.update(dict(train_classifier=2650.0, craft=1070.0, train_denoiser=1305.0,
+                                 train_baselines=2435.0, evaluate=1440.0))
   config.fit_epochs_to_budget = True
 
   config.model.name = "airbench94"
