@@ -87,9 +87,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{','.join(models.CLASSIFIERS)} or import:package.module:factory.")
   _positive("config.model.width", config.model.width)
   _positive("config.model.logit_scale", config.model.get("logit_scale", 1.0))
-  _require(config.model.get("whiten_padding", "valid") in models.airbench.WHITEN_PADDINGS,
+  padding = config.model.get("whiten_padding")  # absent in configs recorded before it
+  _require(padding is None or padding in models.airbench.WHITEN_PADDINGS,
            f"config.model.whiten_padding must be one of {models.airbench.WHITEN_PADDINGS}, got "
-           f"{config.model.get('whiten_padding')!r}.")
+           f"{padding!r}.")
   _require(len(config.model.mean) == 3 and len(config.model.std) == 3
            and all(s > 0 for s in config.model.std),
            "config.model.mean and .std need three values each, std > 0.")

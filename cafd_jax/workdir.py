@@ -21,6 +21,9 @@ LOCK_FILE = ".lock"
 # the CAF and the crafted set, and where upstream output comes from.
 MEANINGFUL = ("seed", "compute_dtype", "upstream_workdir", "model", "data", "classifier", "caf",
               "craft", "denoiser")
+# What an airbench config recorded before model.whiten_padding existed built (the padded
+# whitening); today's default is airbench's own geometry.
+LEGACY_WHITEN_PADDING = "same"
 
 
 # What a bucket workdir needs besides etils.epath and Orbax: the fsspec file system of its
@@ -62,14 +65,25 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
   return {prefix: json.loads(json.dumps(value))}  # tuples and lists compare alike
 
 
+def _legacy_values(stored: dict) -> dict[str, Any]:
+  """Fields a recorded config lacks whose absence meant a value other than today's default."""
+  if str(stored.get("model", {}).get("name", "")).startswith("airbench"):
+    return {"model.whiten_padding": LEGACY_WHITEN_PADDING}
+  return {}
+
+
 def drift(stored: dict, config: dict) -> list[str]:
   """The meaningful fields whose values differ, as 'field: stored -> new'. Fields one side
-  lacks (added to the code since) do not count."""
+  lacks (added to the code since) do not count, unless ``_legacy_values`` says what the
+  stored config's absence meant."""
   changes = []
+  legacy = _legacy_values(stored)
   for group in MEANINGFUL:
     if group not in stored or group not in config:
       continue
     old, new = _flatten(stored[group], group), _flatten(config[group], group)
+    old.update({field: value for field, value in legacy.items()
+                if field.startswith(f"{group}.") and field not in old})
     for field in sorted(old.keys() & new.keys()):
       if old[field] != new[field]:
         changes.append(f"{field}: {old[field]!r} -> {new[field]!r}")

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from cafd_jax import attacks, config_checks, models
+from cafd_jax import attacks, config_checks, factory, models
 from cafd_jax.models import taps
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import common
@@ -143,6 +143,18 @@ def test_valid_whitening_floors_the_odd_maps_as_airbench_and_same_keeps_them_eve
   config.model.whiten_padding = "full"
   with pytest.raises(config_checks.ConfigError, match="whiten_padding"):
     config_checks.validate(config)
+
+
+def test_a_config_recorded_before_the_option_builds_the_padded_geometry():
+  config = tiny.get_config()
+  config.model.name, config.model.width = "airbench93", 0.25
+  x = jnp.zeros((1, 32, 32, 3))
+  shape = lambda c: factory.classifier(c, 2).init_with_output(
+      jax.random.key(0), x, return_features=True)[0][1].shape
+  assert shape(config) == (1, 3, 3, 32)
+  del config.model["whiten_padding"]  # as in a workdir's config.json of an earlier run
+  config_checks.validate(config)
+  assert shape(config) == (1, 4, 4, 32)
 
 
 def test_whitening_is_refused_for_other_models():

@@ -96,6 +96,16 @@ def test_drift_lists_meaningful_fields_only():
       "seed: 0 -> 1", "model.width: 0.25 -> 0.5", "craft.steps: 2 -> 3"]
 
 
+def test_drift_reads_a_field_the_stored_config_predates_as_its_legacy_value():
+  stored = {"model": {"name": "airbench94", "width": 1.0}}  # recorded before whiten_padding
+  current = {"model": {"name": "airbench94", "width": 1.0, "whiten_padding": "valid"}}
+  assert workdir_guard.drift(stored, current) == ["model.whiten_padding: 'same' -> 'valid'"]
+  current["model"]["whiten_padding"] = "same"
+  assert workdir_guard.drift(stored, current) == []
+  vgg = {"model": {"name": "vgg_tiny", "width": 1.0}}  # the field means nothing for it
+  assert workdir_guard.drift(vgg, {"model": {**vgg["model"], "whiten_padding": "valid"}}) == []
+
+
 def test_rerun_with_another_model_stops_before_writing_anything(finished_run, tmp_path):
   copy = _copy(finished_run, tmp_path)
   before = _files(copy)
