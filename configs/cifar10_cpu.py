@@ -30,9 +30,10 @@ plus compilation; at 2,650 s the first steps' 6.04 s there fitted it to 8 epochs
 with start-up) in proportion to their needs, 85% of each:
   train_classifier 2,800   craft 1,045   train_denoiser 1,275   train_baselines 2,375
   evaluate 1,405
-So that machine would craft about 17,000 examples and fit the denoisers to 8-9 of 10 epochs; one
-whose steps take 15% less time runs the whole config uncut (docs/benchmarks.md has the stage
-table). On a slower machine ``fit_epochs_to_budget`` times the first steps of the classifier and
+The whole run on a machine of that step (docs/results.md: 2 h 13 min) kept the target's 9
+epochs, crafted 16,000 examples (crafting ran at 15 img/s, slower than estimated) and trained
+every denoiser its 10 epochs on them (their steps were faster than estimated); uncut it would
+have taken about 2 h 31 min (docs/benchmarks.md has the stage table). On a slower machine ``fit_epochs_to_budget`` times the first steps of the classifier and
 of each denoiser and trains the whole epochs that fit, its one-cycle schedule shortened to match
 (not cut part-way); crafting stops where its budget ends, and evaluation too, with every row of
 its grid on the examples of the rounds of 500 done (their ``n``).

@@ -38,6 +38,7 @@ def test_cifar10_cpu_config_covers_what_the_real_run_must_show():
   assert config.classifier.whiten_patches and config.classifier.lookahead
   assert config.classifier.optimizer == "muon" and config.classifier.flip == "alternating"
   assert config.fit_epochs_to_budget  # a slow machine trains fewer whole epochs, not a cut schedule
+  assert sum(config.max_seconds.values()) <= 8900  # 2 h 30 min in all, start-up included
   assert config.craft.num_examples >= 20000 and config.craft.steps >= 20
   assert config.denoiser.num_epochs >= 10
   assert config.eval.num_examples >= 2000
