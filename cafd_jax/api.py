@@ -105,7 +105,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not io_utils.path(config_path).exists():
     raise checkpoint.CheckpointError(f"No config.json in {workdir}; point api.load at the "
                                      f"--workdir of a main.py run.")
-  config = ml_collections.ConfigDict(io_utils.read_json(config_path))
+  config = ml_collections.ConfigDict(workdir_guard.read_recorded(workdir))
   config_checks.validate(config)
   return config
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from cafd_jax import imported, models, workdir
+from cafd_jax import imported, models
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import common
 
@@ -26,9 +26,7 @@ def classifier(config: ml_collections.ConfigDict, num_classes: int,
                                   mean=model.mean, std=model.std, depth=model.depth,
                                   widen_factor=model.widen_factor,
                                   head=model.head, logit_scale=model.get("logit_scale", 1.0),
-                                  # a config.json recorded before the field: its value then
-                                  whiten_padding=model.get("whiten_padding",
-                                                           workdir.LEGACY_WHITEN_PADDING),
+                                  whiten_padding=model.get("whiten_padding", "valid"),
                                   dtype=dtype)
 
 

@@ -624,7 +624,7 @@ def _transfer_targets(config: ml_collections.ConfigDict) -> list[tuple]:
       raise config_checks.ConfigError(
           f"config.eval.transfer_workdirs: {path} not found; train that classifier first "
           f"(main.py --workdir {other} --config.stages=train_classifier).")
-    other_config = ml_collections.ConfigDict(io_utils.read_json(path))
+    other_config = ml_collections.ConfigDict(workdir_guard.read_recorded(other))
     target = ml_collections.ConfigDict(config.to_dict())
     # Its classifier is where its own run keeps it, whatever this run's upstream_workdir, in
     # the form its own model and training settings give its checkpoint (optimiser state).

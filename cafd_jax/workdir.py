@@ -6,6 +6,7 @@ a change to what the stored output means (``MEANINGFUL``) stops the run before a
 written.
 """
 
+import copy
 import fcntl
 import importlib.util
 import json
@@ -72,18 +73,34 @@ def _legacy_values(stored: dict) -> dict[str, Any]:
   return {}
 
 
+def upgrade(stored: dict) -> dict:
+  """A recorded config.json (a copy) with the fields it predates set to what their absence
+  meant when it was written (``_legacy_values``), so that every reader builds what that run
+  built; fields already there are kept."""
+  upgraded = copy.deepcopy(stored)
+  for field, value in _legacy_values(stored).items():
+    *groups, name = field.split(".")
+    node = upgraded
+    for group in groups:
+      node = node.setdefault(group, {})
+    node.setdefault(name, value)
+  return upgraded
+
+
+def read_recorded(workdir: str) -> dict:
+  """DIR/config.json, upgraded (``upgrade``); OSError or ValueError if missing or unreadable."""
+  return upgrade(io_utils.read_json(io_utils.path(workdir) / CONFIG_FILE))
+
+
 def drift(stored: dict, config: dict) -> list[str]:
-  """The meaningful fields whose values differ, as 'field: stored -> new'. Fields one side
-  lacks (added to the code since) do not count, unless ``_legacy_values`` says what the
-  stored config's absence meant."""
+  """The meaningful fields whose values differ, as 'field: stored -> new'; ``stored`` is read
+  as ``upgrade`` reads it. Fields one side lacks (added to the code since) do not count."""
+  stored = upgrade(stored)
   changes = []
-  legacy = _legacy_values(stored)
   for group in MEANINGFUL:
     if group not in stored or group not in config:
       continue
     old, new = _flatten(stored[group], group), _flatten(config[group], group)
-    old.update({field: value for field, value in legacy.items()
-                if field.startswith(f"{group}.") and field not in old})
     for field in sorted(old.keys() & new.keys()):
       if old[field] != new[field]:
         changes.append(f"{field}: {old[field]!r} -> {new[field]!r}")

@@ -33,7 +33,8 @@ with start-up) in proportion to their needs, 85% of each:
 The whole run on a machine of that step (docs/results.md: 2 h 13 min) kept the target's 9
 epochs, crafted 16,000 examples (crafting ran at 15 img/s, slower than estimated) and trained
 every denoiser its 10 epochs on them (their steps were faster than estimated); uncut it would
-have taken about 2 h 31 min (docs/benchmarks.md has the stage table). On a slower machine
+have taken about 2 h 31 min (docs/benchmarks.md has the stage table; a narrower denoiser would
+not shorten it: its steps are the classifier's passes). On a slower machine
 ``fit_epochs_to_budget`` times the first steps of the classifier and of each denoiser and trains
 the whole epochs that fit, its one-cycle schedule shortened to match (not cut part-way);
 crafting stops where its budget ends, and evaluation too, with every row of its grid on the

@@ -7,7 +7,8 @@ import optax
 import pytest
 from flax import linen as nn
 
-from cafd_jax import attacks, config_checks, factory, models
+from cafd_jax import api, attacks, config_checks, factory, io_utils, models, pipeline
+from cafd_jax import workdir as workdir_guard
 from cafd_jax.models import taps
 from cafd_jax.train import classifier as classifier_train
 from cafd_jax.train import common
@@ -145,16 +146,26 @@ def test_valid_whitening_floors_the_odd_maps_as_airbench_and_same_keeps_them_eve
     config_checks.validate(config)
 
 
-def test_a_config_recorded_before_the_option_builds_the_padded_geometry():
+def test_a_config_recorded_before_the_option_builds_the_padded_geometry(tmp_path):
   config = tiny.get_config()
   config.model.name, config.model.width = "airbench93", 0.25
   x = jnp.zeros((1, 32, 32, 3))
   shape = lambda c: factory.classifier(c, 2).init_with_output(
       jax.random.key(0), x, return_features=True)[0][1].shape
   assert shape(config) == (1, 3, 3, 32)
-  del config.model["whiten_padding"]  # as in a workdir's config.json of an earlier run
-  config_checks.validate(config)
-  assert shape(config) == (1, 4, 4, 32)
+  recorded = config.to_dict()
+  del recorded["model"]["whiten_padding"]  # as in a workdir's config.json of an earlier run
+  io_utils.write_json(str(tmp_path / "config.json"), recorded)
+  # Every reader of a recorded config builds what that run built: api.load and transfer targets.
+  assert api.read_config(str(tmp_path)).model.whiten_padding == "same"
+  assert shape(api.read_config(str(tmp_path))) == (1, 4, 4, 32)
+  config.eval.transfer_workdirs = (str(tmp_path),)
+  [(target, _)] = pipeline._transfer_targets(config)  # pylint: disable=protected-access
+  assert shape(target) == (1, 4, 4, 32)
+  # A recorded config that has the field, or another model's, is read as written.
+  assert workdir_guard.upgrade(config.to_dict()) == config.to_dict()
+  vgg = {"model": {"name": "vgg_tiny", "width": 1.0}}
+  assert workdir_guard.upgrade(vgg) == vgg
 
 
 def test_whitening_is_refused_for_other_models():
